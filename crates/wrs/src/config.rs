@@ -1,0 +1,359 @@
+//! The configuration: one struct, read once from `WRS_*` environment
+//! variables (command-line flags override them), validated up front.
+//! Nothing else in the service reads the environment.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use clap::{CommandFactory, Parser, ValueEnum};
+
+use crate::relay::client::QueueLimits;
+use crate::relay::{RelaySettings, SlowConsumerPolicy};
+
+/// Longest server frame header; a client's outbox must fit one largest
+/// message plus this.
+const FRAME_HEADER_MAX: usize = 10;
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// WRS — WebSocket Relay Service: relays messages between plain browser
+/// WebSocket clients by channel pattern (echo, pub-sub, push-pull,
+/// req-repl, fan-in-out).
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "wrs",
+    version,
+    about = "WRS — WebSocket Relay Service: relays messages between browser WebSocket clients by channel pattern.",
+    long_about = "WRS — WebSocket Relay Service.\n\nCreate a channel with `POST /channels {\"pattern\":\"pub-sub\"}`, hand its id and token to your clients, and every client that connects to `ws://HOST:PORT/channels/ID/connect?token=TOKEN` exchanges messages by the channel's pattern.\n\nEvery setting comes from the environment variable shown with it; a command-line flag overrides the variable. Logs go to standard output.",
+    after_help = "Documentation: README.md, and GET / on a running server."
+)]
+pub struct Config {
+    /// Port for the REST API and WebSocket connections (0 = pick a free port).
+    #[arg(
+        short = 'p',
+        long = "port",
+        env = "WRS_API_PORT",
+        default_value_t = 8080
+    )]
+    pub api_port: u16,
+
+    /// Address to listen on.
+    #[arg(long, env = "WRS_BIND_ADDRESS", default_value = "0.0.0.0")]
+    pub bind_address: IpAddr,
+
+    /// Port clients see, when a proxy sits in front [default: the API port].
+    #[arg(long, env = "WRS_PUBLIC_API_PORT")]
+    pub public_api_port: Option<u16>,
+
+    /// Host name clients use to reach the service (shown in links and metadata).
+    #[arg(long, env = "WRS_DOMAIN", default_value = "127.0.0.1")]
+    pub domain: String,
+
+    /// Length of generated channel tokens, in characters (8-256).
+    #[arg(long, env = "WRS_TOKEN_LENGTH", default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(8..=256))]
+    pub token_length: u16,
+
+    /// Random bytes in a channel id, each shown as two hex digits (2-16; 4 gives ids like D679-05F5).
+    #[arg(long, env = "WRS_ID_LENGTH", default_value_t = 4,
+          value_parser = clap::value_parser!(u8).range(2..=16))]
+    pub id_length: u8,
+
+    /// Largest message a client may send, in bytes; bigger ones close the client with 1008 (1 B - 64 MiB).
+    #[arg(long, env = "WRS_MAX_MESSAGE_BYTES", default_value_t = 1_048_576,
+          value_parser = clap::value_parser!(u32).range(1..=64 * 1024 * 1024))]
+    pub max_message_bytes: u32,
+
+    /// Most channels this node holds; creating more answers 429.
+    #[arg(long, env = "WRS_MAX_CHANNELS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_channels: u32,
+
+    /// Most messages waiting for one client before the slow-consumer policy applies.
+    #[arg(long, env = "WRS_CLIENT_QUEUE_MESSAGES", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub client_queue_messages: u32,
+
+    /// Most bytes waiting for one client before the slow-consumer policy applies
+    /// (at least WRS_MAX_MESSAGE_BYTES + 10).
+    #[arg(long, env = "WRS_CLIENT_QUEUE_BYTES", default_value_t = 8 * 1024 * 1024,
+          value_parser = clap::value_parser!(u32).range(11..=1024 * 1024 * 1024))]
+    pub client_queue_bytes: u32,
+
+    /// What to do with a client whose queue is full: close it with 1008, or drop the message for it.
+    #[arg(long, env = "WRS_SLOW_CONSUMER", value_enum, default_value_t = SlowConsumerPolicy::Close)]
+    pub slow_consumer: SlowConsumerPolicy,
+
+    /// Interval between pings to each client, in ms; a client silent for two intervals is disconnected (100-3600000).
+    #[arg(long, env = "WRS_PING_INTERVAL_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub ping_interval_ms: u64,
+
+    /// How long a graceful stop may take before the process exits anyway, in ms (0-600000).
+    #[arg(long, env = "WRS_SHUTDOWN_TIMEOUT_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub shutdown_timeout_ms: u64,
+
+    /// This node's id in metadata and logs [default: host name plus a random suffix].
+    #[arg(long, env = "WRS_NODE_ID", value_parser = parse_node_id)]
+    pub node_id: Option<String>,
+
+    /// Markdown file served as HTML at / and /readme [default: the built-in API readme].
+    #[arg(long, env = "WRS_README_PATH")]
+    pub readme_path: Option<std::path::PathBuf>,
+
+    /// Log format.
+    #[arg(long, env = "WRS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+
+    /// Log filter, e.g. `info` or `wrs=debug` [default: RUST_LOG, else info].
+    #[arg(long = "log", env = "WRS_LOG")]
+    pub log: Option<String>,
+}
+
+/// A configuration that cannot be used, or a request for help text.
+#[derive(Debug)]
+pub enum ConfigError {
+    /// `--help` or `--version`: print this to stdout and exit 0.
+    Info(String),
+    /// Invalid: print this one line to stderr and exit non-zero.
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads the configuration from the process's arguments and environment.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] for help/version requests and invalid settings.
+    pub fn load() -> Result<Config, ConfigError> {
+        Self::load_from(std::env::args_os())
+    }
+
+    /// Like [`Config::load`] with explicit arguments (the environment is
+    /// still read for unset flags).
+    ///
+    /// # Errors
+    ///
+    /// See [`Config::load`].
+    pub fn load_from<I, T>(args: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let mut config = Config::try_parse_from(args).map_err(|e| match e.kind() {
+            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                ConfigError::Info(e.render().to_string())
+            }
+            _ => ConfigError::Invalid(one_line(&e)),
+        })?;
+        if config.log.is_none() {
+            config.log = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
+        }
+        config.validate().map_err(ConfigError::Invalid)?;
+        Ok(config)
+    }
+
+    /// Defaults for a server on an ephemeral loopback port (tests, embedding).
+    pub fn for_tests() -> Config {
+        let mut config =
+            Config::try_parse_from(["wrs"]).unwrap_or_else(|e| panic!("defaults parse: {e}"));
+        config.api_port = 0;
+        config.bind_address = IpAddr::from([127, 0, 0, 1]);
+        config.node_id = Some("test-node".to_owned());
+        config
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let needed = self.max_message_bytes as usize + FRAME_HEADER_MAX;
+        if (self.client_queue_bytes as usize) < needed {
+            return Err(format!(
+                "WRS_CLIENT_QUEUE_BYTES ({}) must be at least WRS_MAX_MESSAGE_BYTES + {FRAME_HEADER_MAX} ({needed}) so that one largest message fits",
+                self.client_queue_bytes
+            ));
+        }
+        if let Some(filter) = &self.log {
+            tracing_subscriber::EnvFilter::try_new(filter)
+                .map_err(|e| format!("invalid log filter {filter:?} (WRS_LOG / RUST_LOG): {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// The port clients see.
+    pub fn public_port(&self) -> u16 {
+        self.public_api_port.unwrap_or(self.api_port)
+    }
+
+    /// The log filter to use.
+    pub fn log_filter(&self) -> &str {
+        self.log.as_deref().unwrap_or("info")
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+
+    /// The relay's settings, resolving the node id default.
+    pub fn relay_settings(&self) -> RelaySettings {
+        RelaySettings {
+            node_id: self.node_id.clone().unwrap_or_else(default_node_id),
+            max_channels: self.max_channels as usize,
+            id_bytes: usize::from(self.id_length),
+            token_length: usize::from(self.token_length),
+            max_message_bytes: self.max_message_bytes as usize,
+            queue: QueueLimits {
+                frames: self.client_queue_messages as usize,
+                bytes: self.client_queue_bytes as usize,
+            },
+            slow_consumer: self.slow_consumer,
+            ping_interval: Duration::from_millis(self.ping_interval_ms),
+        }
+    }
+}
+
+/// Node ids appear in URLs and logs: keep them short and plain.
+fn parse_node_id(text: &str) -> Result<String, String> {
+    let ok = !text.is_empty()
+        && text.len() <= 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(text.to_owned())
+    } else {
+        Err("use 1-64 characters from A-Z, a-z, 0-9, '-', '_' and '.'".to_owned())
+    }
+}
+
+/// The host name plus four random hex digits, e.g. `web-1-3fa2`.
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| {
+            h.trim()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .take(48)
+                .collect::<String>()
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "wrs".to_owned());
+    format!("{host}-{:04x}", rand::random::<u16>())
+}
+
+/// Turns clap's multi-line error into one line that names the environment
+/// variable behind the offending flag.
+fn one_line(error: &clap::Error) -> String {
+    let rendered = error.render().to_string();
+    let first = rendered.lines().next().unwrap_or("invalid configuration");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let env = Config::command().get_arguments().find_map(|arg| {
+        let long = arg.get_long()?;
+        let env = arg.get_env()?;
+        let named =
+            first.contains(&format!("'--{long} ")) || first.contains(&format!("'--{long}'"));
+        named.then(|| env.to_string_lossy().into_owned())
+    });
+    match env {
+        Some(env) => format!("{first} (environment variable {env})"),
+        None => first.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invalid(args: &[&str]) -> String {
+        match Config::load_from(args.iter().copied()) {
+            Err(ConfigError::Invalid(message)) => message,
+            other => panic!("{args:?} was accepted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_documented_table() {
+        let c = Config::try_parse_from(["wrs"]).unwrap();
+        assert_eq!(c.api_port, 8080);
+        assert_eq!(c.public_port(), 8080);
+        assert_eq!(c.domain, "127.0.0.1");
+        assert_eq!(c.token_length, 16);
+        assert_eq!(c.id_length, 4);
+        assert_eq!(c.max_message_bytes, 1_048_576);
+        assert_eq!(c.slow_consumer, SlowConsumerPolicy::Close);
+        assert_eq!(c.log_format, LogFormat::Human);
+    }
+
+    #[test]
+    fn flags_override() {
+        let c = Config::load_from(["wrs", "-p", "9000", "--public-api-port", "443"]).unwrap();
+        assert_eq!((c.api_port, c.public_port()), (9000, 443));
+        let c = Config::load_from(["wrs", "--port", "0"]).unwrap();
+        assert_eq!(c.api_port, 0);
+    }
+
+    #[test]
+    fn invalid_values_give_one_line_naming_the_variable() {
+        let message = invalid(&["wrs", "--port", "70000"]);
+        assert!(message.contains("WRS_API_PORT"), "{message}");
+        assert!(!message.contains('\n'));
+        assert!(invalid(&["wrs", "--token-length", "4"]).contains("WRS_TOKEN_LENGTH"));
+        assert!(invalid(&["wrs", "--slow-consumer", "maybe"]).contains("WRS_SLOW_CONSUMER"));
+        assert!(invalid(&["wrs", "--node-id", "a b"]).contains("WRS_NODE_ID"));
+        assert!(invalid(&["wrs", "--bogus"]).contains("--bogus"));
+    }
+
+    #[test]
+    fn the_queue_must_hold_one_largest_message() {
+        let message = invalid(&[
+            "wrs",
+            "--max-message-bytes",
+            "2000",
+            "--client-queue-bytes",
+            "2000",
+        ]);
+        assert!(message.contains("WRS_CLIENT_QUEUE_BYTES"), "{message}");
+        assert!(
+            Config::load_from([
+                "wrs",
+                "--max-message-bytes",
+                "2000",
+                "--client-queue-bytes",
+                "2010"
+            ])
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_bad_log_filter_is_refused() {
+        assert!(invalid(&["wrs", "--log", "wrs=loud"]).contains("log filter"));
+    }
+
+    #[test]
+    fn help_lists_every_variable_with_its_default() {
+        let help = Config::command().render_long_help().to_string();
+        for arg in Config::command().get_arguments() {
+            if let Some(env) = arg.get_env() {
+                assert!(
+                    help.contains(&*env.to_string_lossy()),
+                    "{env:?} missing from --help"
+                );
+            }
+        }
+        assert!(help.contains("[default: 8080]"));
+    }
+
+    #[test]
+    fn default_node_ids_are_valid_node_ids() {
+        let id = default_node_id();
+        assert!(parse_node_id(&id).is_ok(), "{id}");
+    }
+}

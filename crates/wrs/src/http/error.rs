@@ -1,0 +1,197 @@
+//! The one place where failures become HTTP responses:
+//! `{"message": "<human text>", "error": "<machine_code>"}` with a fitting
+//! status.
+
+use axum::Json;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::relay::ConnectError;
+use crate::relay::ids::ChannelId;
+use crate::relay::registry::CreateError;
+use crate::ws::handshake::HandshakeError;
+
+/// Largest request body accepted, in bytes.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// An API failure.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    header: Option<(HeaderName, HeaderValue)>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    message: &'a str,
+    error: &'a str,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            header: None,
+        }
+    }
+
+    fn with_header(mut self, name: HeaderName, value: &'static str) -> Self {
+        self.header = Some((name, HeaderValue::from_static(value)));
+        self
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub fn channel_not_found(id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "channel_not_found",
+            format!("channel {id:?} does not exist"),
+        )
+    }
+
+    /// 400 naming the field at fault.
+    pub fn invalid_field(field: &str, requirement: &str) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            format!("field {field:?} {requirement}"),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(ErrorBody {
+            message: &self.message,
+            error: self.code,
+        });
+        let mut response = (self.status, body).into_response();
+        if let Some((name, value)) = self.header {
+            response.headers_mut().insert(name, value);
+        }
+        response
+    }
+}
+
+impl From<CreateError> for ApiError {
+    fn from(error: CreateError) -> Self {
+        match error {
+            CreateError::TooManyChannels { .. } => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_channels",
+                error.to_string(),
+            ),
+            CreateError::IdsExhausted => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ids_exhausted",
+                error.to_string(),
+            ),
+        }
+    }
+}
+
+/// Maps a refused connection, naming the channel where that helps.
+pub fn connect_error(error: ConnectError, id: &ChannelId) -> ApiError {
+    match error {
+        ConnectError::Draining => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "this node is shutting down; connect again (another node will take you)",
+        ),
+        ConnectError::NotFound => ApiError::channel_not_found(id.as_str()),
+        ConnectError::MissingToken => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing_token",
+            "connecting needs the channel's token: /channels/{id}/connect?token=TOKEN",
+        ),
+        ConnectError::WrongToken => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_token",
+            "wrong token for this channel",
+        ),
+        ConnectError::Full { limit } => ApiError::new(
+            StatusCode::CONFLICT,
+            "channel_full",
+            format!("channel {id} is full: its clientLimit is {limit}"),
+        ),
+    }
+}
+
+impl From<HandshakeError> for ApiError {
+    fn from(error: HandshakeError) -> Self {
+        match error {
+            HandshakeError::NotAnUpgrade => Self::new(
+                StatusCode::UPGRADE_REQUIRED,
+                "upgrade_required",
+                error.to_string(),
+            )
+            .with_header(header::UPGRADE, "websocket"),
+            HandshakeError::UnsupportedVersion => Self::new(
+                StatusCode::UPGRADE_REQUIRED,
+                "unsupported_websocket_version",
+                error.to_string(),
+            )
+            .with_header(header::SEC_WEBSOCKET_VERSION, "13"),
+            HandshakeError::BadKey => Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_handshake",
+                error.to_string(),
+            ),
+        }
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+            )
+        } else {
+            Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                format!("could not read the request body: {rejection}"),
+            )
+        }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+            rejection.body_text(),
+        )
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            rejection.body_text(),
+        )
+    }
+}

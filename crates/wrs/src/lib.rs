@@ -1,0 +1,167 @@
+//! WRS — WebSocket Relay Service.
+//!
+//! A library plus the thin `wrs` binary. [`start`] binds the configured
+//! port and serves the REST API and WebSocket connections until the
+//! returned [`Server`] is shut down:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), wrs::StartError> {
+//! let server = wrs::start(wrs::Config::for_tests()).await?;
+//! println!("listening on {}", server.local_addr());
+//! server.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod backplane;
+pub mod config;
+pub mod http;
+pub mod relay;
+pub mod telemetry;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use config::Config;
+use http::AppState;
+use relay::Relay;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot read the readme at {path}: {source}")]
+    Readme {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running server. Dropping it does not stop it; call
+/// [`Server::shutdown`].
+#[derive(Debug)]
+pub struct Server {
+    local_addr: SocketAddr,
+    relay: Arc<Relay>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// Binds the configured address and starts serving.
+///
+/// # Errors
+///
+/// [`StartError`] if the readme cannot be read or the address cannot be
+/// bound.
+pub async fn start(mut config: Config) -> Result<Server, StartError> {
+    let address = SocketAddr::new(config.bind_address, config.api_port);
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|source| StartError::Bind { address, source })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { address, source })?;
+    // With port 0 the system picked one: links and metadata show the real one.
+    config.api_port = local_addr.port();
+    let readme = http::readme::render(&config).map_err(|source| StartError::Readme {
+        path: config.readme_path.clone().unwrap_or_default(),
+        source,
+    })?;
+    let relay = Relay::new(config.relay_settings());
+    let shutdown_timeout = config.shutdown_timeout();
+    let app = http::router(AppState {
+        relay: Arc::clone(&relay),
+        config: Arc::new(config),
+        readme: Arc::new(readme),
+    });
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(run(
+        listener,
+        app,
+        Arc::clone(&relay),
+        stop.clone(),
+        shutdown_timeout,
+    ));
+    info!(address = %local_addr, node = %relay.settings().node_id, "listening");
+    Ok(Server {
+        local_addr,
+        relay,
+        stop,
+        task,
+    })
+}
+
+impl Server {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn relay(&self) -> &Arc<Relay> {
+        &self.relay
+    }
+
+    /// Gracefully stops: readiness turns 503, new connections are refused,
+    /// clients are closed with 1001, then HTTP stops; bounded by
+    /// `WRS_SHUTDOWN_TIMEOUT_MS`.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        if let Err(error) = self.task.await {
+            warn!(%error, "server task ended abnormally");
+        }
+    }
+}
+
+async fn run(
+    listener: TcpListener,
+    app: axum::Router,
+    relay: Arc<Relay>,
+    stop: CancellationToken,
+    shutdown_timeout: std::time::Duration,
+) {
+    let http_stop = CancellationToken::new();
+    let listener = listener.tap_io(|tcp| {
+        // Frames are batched per write already; never wait for more.
+        let _ = tcp.set_nodelay(true);
+    });
+    let http = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(http_stop.clone().cancelled_owned());
+    let mut http = tokio::spawn(http.into_future());
+    tokio::select! {
+        () = stop.cancelled() => {}
+        result = &mut http => {
+            warn!(?result, "HTTP server stopped by itself");
+            return;
+        }
+    }
+    info!("shutting down");
+    let deadline = tokio::time::Instant::now() + shutdown_timeout;
+    // HTTP keeps answering while clients close, so /readyz reports 503.
+    relay.begin_drain();
+    let drained = relay.stop(deadline).await;
+    http_stop.cancel();
+    let http_done = tokio::time::timeout_at(deadline, &mut http).await.is_ok();
+    if !http_done {
+        http.abort();
+    }
+    if drained && http_done {
+        info!("stopped");
+    } else {
+        warn!("stopped at the shutdown timeout; some connections were cut");
+    }
+}

@@ -1,0 +1,206 @@
+//! All channels of this node, by id.
+//!
+//! A sharded map: creating, finding and deleting channels never takes a
+//! lock that the message path needs (connections hold their channel
+//! directly and never look it up again).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use tokio_util::sync::CancellationToken;
+
+use super::Clock;
+use super::channel::{Channel, ChannelSpec};
+use super::ids::{ChannelId, Token};
+
+/// Why a channel cannot be created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CreateError {
+    #[error("this node already holds its maximum of {max} channels")]
+    TooManyChannels { max: usize },
+    #[error("could not find a free channel id; raise WRS_ID_LENGTH")]
+    IdsExhausted,
+}
+
+/// Attempts at drawing an unused id before giving up.
+const ID_ATTEMPTS: usize = 16;
+
+#[derive(Debug)]
+pub struct Registry {
+    channels: DashMap<ChannelId, Arc<Channel>>,
+    /// Channels held, kept exact so the limit holds under concurrent creates.
+    count: AtomicUsize,
+    max_channels: usize,
+    id_bytes: usize,
+    token_length: usize,
+}
+
+impl Registry {
+    pub fn new(max_channels: usize, id_bytes: usize, token_length: usize) -> Self {
+        Self {
+            channels: DashMap::new(),
+            count: AtomicUsize::new(0),
+            max_channels,
+            id_bytes,
+            token_length,
+        }
+    }
+
+    /// Creates a channel with a fresh id and token.
+    ///
+    /// # Errors
+    ///
+    /// [`CreateError`] at the channel limit or when no free id was found.
+    pub fn create(
+        &self,
+        spec: ChannelSpec,
+        clock: Clock,
+        closed: CancellationToken,
+    ) -> Result<Arc<Channel>, CreateError> {
+        let held = self.count.fetch_add(1, Ordering::AcqRel);
+        if held >= self.max_channels {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+            return Err(CreateError::TooManyChannels {
+                max: self.max_channels,
+            });
+        }
+        for _ in 0..ID_ATTEMPTS {
+            if let Entry::Vacant(slot) = self.channels.entry(ChannelId::random(self.id_bytes)) {
+                let id = slot.key().clone();
+                let channel = Arc::new(Channel::new(
+                    id,
+                    spec,
+                    Token::random(self.token_length),
+                    clock,
+                    closed,
+                ));
+                slot.insert(Arc::clone(&channel));
+                return Ok(channel);
+            }
+        }
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        Err(CreateError::IdsExhausted)
+    }
+
+    pub fn get(&self, id: &ChannelId) -> Option<Arc<Channel>> {
+        self.channels.get(id).map(|entry| Arc::clone(entry.value()))
+    }
+
+    /// Removes a channel by id; the caller closes it.
+    pub fn remove(&self, id: &ChannelId) -> Option<Arc<Channel>> {
+        let removed = self.channels.remove(id).map(|(_, channel)| channel);
+        if removed.is_some() {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+        }
+        removed
+    }
+
+    /// Removes exactly this channel (not a later one that reused its id).
+    pub fn remove_exact(&self, channel: &Arc<Channel>) -> bool {
+        let removed = self
+            .channels
+            .remove_if(channel.id(), |_, held| Arc::ptr_eq(held, channel))
+            .is_some();
+        if removed {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+        }
+        removed
+    }
+
+    /// Every channel, oldest first.
+    pub fn list(&self) -> Vec<Arc<Channel>> {
+        let mut all: Vec<_> = self
+            .channels
+            .iter()
+            .map(|e| Arc::clone(e.value()))
+            .collect();
+        all.sort_by(|a, b| {
+            a.created_at()
+                .cmp(&b.created_at())
+                .then_with(|| a.id().cmp(b.id()))
+        });
+        all
+    }
+
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::pattern::Pattern;
+
+    const SPEC: ChannelSpec = ChannelSpec {
+        pattern: Pattern::Echo,
+        client_limit: None,
+        timeout: None,
+        welcome: false,
+    };
+
+    fn create(registry: &Registry) -> Result<Arc<Channel>, CreateError> {
+        registry.create(SPEC, Clock::new(), CancellationToken::new())
+    }
+
+    #[test]
+    fn create_get_remove() {
+        let registry = Registry::new(10, 4, 16);
+        let channel = create(&registry).unwrap();
+        assert_eq!(channel.token().reveal().len(), 16);
+        assert!(Arc::ptr_eq(&registry.get(channel.id()).unwrap(), &channel));
+        assert_eq!(registry.len(), 1);
+        assert!(registry.remove(channel.id()).is_some());
+        assert!(registry.remove(channel.id()).is_none());
+        assert!(!registry.remove_exact(&channel));
+        assert_eq!(registry.len(), 0);
+    }
+
+    #[test]
+    fn enforces_the_channel_limit() {
+        let registry = Registry::new(2, 4, 16);
+        let a = create(&registry).unwrap();
+        create(&registry).unwrap();
+        assert_eq!(
+            create(&registry).unwrap_err(),
+            CreateError::TooManyChannels { max: 2 }
+        );
+        assert!(registry.remove_exact(&a));
+        assert!(create(&registry).is_ok());
+        assert_eq!(registry.len(), 2);
+    }
+
+    #[test]
+    fn a_tiny_id_space_reports_exhaustion_instead_of_spinning() {
+        // Two id bytes give 65 536 ids; fill most of them.
+        let registry = Registry::new(usize::MAX, 2, 8);
+        let mut exhausted = false;
+        for _ in 0..70_000 {
+            if matches!(create(&registry), Err(CreateError::IdsExhausted)) {
+                exhausted = true;
+                break;
+            }
+        }
+        assert!(exhausted);
+        assert!(registry.len() <= 65_536);
+    }
+
+    #[test]
+    fn lists_oldest_first() {
+        let registry = Registry::new(10, 4, 16);
+        let ids: Vec<_> = (0..5)
+            .map(|_| create(&registry).unwrap().id().clone())
+            .collect();
+        let listed: Vec<_> = registry.list().iter().map(|c| c.id().clone()).collect();
+        let mut sorted_ids = ids.clone();
+        sorted_ids.sort();
+        let mut sorted_listed = listed.clone();
+        sorted_listed.sort();
+        assert_eq!(sorted_ids, sorted_listed);
+        for pair in registry.list().windows(2) {
+            assert!(pair[0].created_at() <= pair[1].created_at());
+        }
+    }
+}

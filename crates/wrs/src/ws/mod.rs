@@ -1,0 +1,400 @@
+//! One WebSocket connection after the upgrade: a single task that reads
+//! frames, relays messages, drains the client's outbox and keeps the
+//! connection alive with pings.
+//!
+//! The task owns both halves of the socket. Reading, writing, the outbox
+//! and the ping timer are polled together in one `select!`, and every
+//! branch is cancel-safe: a write is one `writev` of whatever is pending,
+//! a read is one non-blocking read after readiness. An idle connection
+//! holds no read buffer and no write buffer.
+
+pub mod codec;
+pub mod handshake;
+
+use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::relay::channel::{Channel, Reservation};
+use crate::relay::client::{Client, CloseReason};
+use crate::relay::ids::ClientId;
+use crate::relay::{Message, Relay, Stats};
+use codec::{Decoder, Event, OpCode, ProtocolError, close_code};
+
+/// Buffer reserved for a read when no larger frame is pending.
+const READ_CHUNK: usize = 4096;
+/// Most frames handed to one `writev`.
+const MAX_IOV: usize = 64;
+/// How long the closing handshake may take before the socket is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs an upgraded connection to completion.
+pub(crate) async fn serve(upgraded: Upgraded, reservation: Reservation, relay: Arc<Relay>) {
+    let channel = Arc::clone(reservation.channel());
+    let limits = relay.settings().queue;
+    let client = match reservation.admit(limits) {
+        Ok((_, client)) => {
+            Stats::incr(&relay.stats().connections_open);
+            // Draining began while this upgrade ran: it missed the sweep.
+            if relay.is_draining() {
+                client.outbox.close(CloseReason::ServerShutdown);
+            }
+            client
+        }
+        Err(reason) => {
+            // The channel closed during the upgrade: tell the client why.
+            let orphan = Arc::new(Client::new(ClientId::random(), limits));
+            orphan.outbox.close(reason);
+            orphan
+        }
+    };
+    if channel.spec().welcome {
+        relay.offer(
+            channel.id(),
+            &client,
+            codec::encode(OpCode::Text, hello(&channel, client.id()).as_bytes()),
+        );
+    }
+    debug!(channel = %channel.id(), client = %client.id(), "client connected");
+    let ending = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => {
+            let (reader, writer) = parts.io.into_inner().into_split();
+            Connection::new(reader, writer, parts.read_buf, &relay, &channel, &client)
+                .run()
+                .await
+        }
+        Err(upgraded) => {
+            let (reader, writer) = tokio::io::split(TokioIo::new(upgraded));
+            Connection::new(reader, writer, Bytes::new(), &relay, &channel, &client)
+                .run()
+                .await
+        }
+    };
+    channel.leave(client.id());
+    Stats::decr(&relay.stats().connections_open);
+    debug!(channel = %channel.id(), client = %client.id(), ending = %ending, "client disconnected");
+}
+
+/// The optional welcome frame.
+fn hello(channel: &Channel, client: ClientId) -> String {
+    serde_json::json!({
+        "type": "hello",
+        "clientId": client,
+        "channel": channel.id().as_str(),
+        "pattern": channel.pattern(),
+    })
+    .to_string()
+}
+
+/// How a connection ended.
+#[derive(Debug)]
+enum Ending {
+    /// The service asked it to close (channel deleted or timed out,
+    /// shutdown, slow consumer).
+    Requested(CloseReason),
+    /// The client broke the protocol or a limit.
+    Violation(ProtocolError),
+    /// The client sent a close frame (with this code, if any).
+    PeerClosed(Option<u16>),
+    /// The socket is gone or dead; no close frame can be exchanged.
+    Lost(&'static str),
+}
+
+impl std::fmt::Display for Ending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ending::Requested(reason) => write!(f, "closed by the service: {}", reason.text()),
+            Ending::Violation(error) => write!(f, "{error}"),
+            Ending::PeerClosed(Some(code)) => write!(f, "closed by the client with {code}"),
+            Ending::PeerClosed(None) => f.write_str("closed by the client"),
+            Ending::Lost(why) => f.write_str(why),
+        }
+    }
+}
+
+/// The read half of a connection: waits for data, then reads what is there.
+trait Source: Send {
+    /// Reads into `buf`, making room for `want` bytes only once data is
+    /// ready. Returns 0 at end of stream. Cancel-safe.
+    fn read_into<'a>(
+        &'a mut self,
+        buf: &'a mut BytesMut,
+        want: usize,
+    ) -> impl Future<Output = io::Result<usize>> + Send + 'a;
+}
+
+impl Source for OwnedReadHalf {
+    async fn read_into(&mut self, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
+        loop {
+            self.readable().await?;
+            buf.reserve(want);
+            match self.try_read_buf(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                result => return result,
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Send> Source for tokio::io::ReadHalf<T> {
+    async fn read_into(&mut self, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
+        buf.reserve(want);
+        self.read_buf(buf).await
+    }
+}
+
+struct Connection<'a, R, W> {
+    reader: R,
+    writer: W,
+    /// Received bytes not yet decoded; empty (unallocated) when idle.
+    inbox: BytesMut,
+    decoder: Decoder,
+    /// Encoded frames taken from the outbox, being written.
+    pending: VecDeque<Bytes>,
+    /// Bytes of `pending`'s first frame already written.
+    written: usize,
+    relay: &'a Relay,
+    channel: &'a Arc<Channel>,
+    client: &'a Client,
+    last_heard: Instant,
+    ping_sent: Option<Instant>,
+}
+
+impl<'a, R: Source, W: AsyncWrite + Unpin + Send> Connection<'a, R, W> {
+    fn new(
+        reader: R,
+        writer: W,
+        leftover: Bytes,
+        relay: &'a Relay,
+        channel: &'a Arc<Channel>,
+        client: &'a Client,
+    ) -> Self {
+        Self {
+            reader,
+            writer,
+            inbox: BytesMut::from(&leftover[..]),
+            decoder: Decoder::new(relay.settings().max_message_bytes),
+            pending: VecDeque::new(),
+            written: 0,
+            relay,
+            channel,
+            client,
+            last_heard: Instant::now(),
+            ping_sent: None,
+        }
+    }
+
+    async fn run(mut self) -> Ending {
+        let interval = self.relay.settings().ping_interval;
+        let ping = tokio::time::sleep(interval);
+        tokio::pin!(ping);
+        // Bytes that arrived with the handshake are decoded first.
+        let mut ending = if self.inbox.is_empty() {
+            None
+        } else {
+            self.process_inbox()
+        };
+        while ending.is_none() {
+            if self.pending.is_empty() {
+                if let Some(reason) = self.client.outbox.take(&mut self.pending) {
+                    ending = Some(Ending::Requested(reason));
+                    break;
+                }
+            }
+            let want = self.decoder.wanted(self.inbox.len(), READ_CHUNK);
+            tokio::select! {
+                () = self.client.outbox.notified() => {
+                    ending = self.client.outbox.close_reason().map(Ending::Requested);
+                }
+                written = poll_fn(|cx| poll_write(&mut self.writer, &mut self.pending, &mut self.written, cx)),
+                    if !self.pending.is_empty() =>
+                {
+                    if written.is_err() {
+                        ending = Some(Ending::Lost("write failed"));
+                    }
+                }
+                read = self.reader.read_into(&mut self.inbox, want) => {
+                    ending = match read {
+                        Ok(0) => Some(Ending::Lost("connection dropped without a close frame")),
+                        Ok(_) => {
+                            self.last_heard = Instant::now();
+                            self.process_inbox()
+                        }
+                        Err(_) => Some(Ending::Lost("read failed")),
+                    };
+                }
+                () = &mut ping => {
+                    let now = Instant::now();
+                    if self.ping_sent.is_some_and(|sent| self.last_heard < sent) {
+                        ending = Some(Ending::Lost("no pong within the ping interval"));
+                    } else {
+                        self.pending.push_back(codec::encode(OpCode::Ping, b""));
+                        self.ping_sent = Some(now);
+                        ping.as_mut().reset(now + interval);
+                    }
+                }
+            }
+        }
+        let ending = ending.unwrap_or(Ending::Lost("unreachable"));
+        self.finish(&ending).await;
+        ending
+    }
+
+    /// Decodes and handles every complete frame received so far.
+    fn process_inbox(&mut self) -> Option<Ending> {
+        let ending = loop {
+            match self.decoder.decode(&mut self.inbox) {
+                Ok(None) => break None,
+                Ok(Some(Event::Text(payload))) => self.relay_message(Message::Text(payload)),
+                Ok(Some(Event::Binary(payload))) => self.relay_message(Message::Binary(payload)),
+                Ok(Some(Event::Ping(payload))) => {
+                    self.relay.offer(
+                        self.channel.id(),
+                        self.client,
+                        codec::encode(OpCode::Pong, &payload),
+                    );
+                }
+                Ok(Some(Event::Pong)) => {}
+                Ok(Some(Event::Close(code))) => break Some(Ending::PeerClosed(code)),
+                Err(error) => break Some(Ending::Violation(error)),
+            }
+        };
+        if self.inbox.is_empty() {
+            // Give the buffer back while the client is quiet; payloads that
+            // were split off keep their own reference to it.
+            self.inbox = BytesMut::new();
+        }
+        ending
+    }
+
+    fn relay_message(&mut self, message: Message) {
+        if let Err(error) = self.relay.dispatch(self.channel, self.client.id(), message) {
+            self.relay.offer(
+                self.channel.id(),
+                self.client,
+                codec::encode(OpCode::Text, error.to_json().as_bytes()),
+            );
+        }
+    }
+
+    /// Sends the close frame (if the socket can still carry one) and waits,
+    /// bounded, for the closing handshake.
+    async fn finish(&mut self, ending: &Ending) {
+        let (code, reason): (u16, String) = match ending {
+            Ending::Requested(reason) => {
+                if reason.delivers_queued() {
+                    self.client.outbox.take(&mut self.pending);
+                } else {
+                    // Keep only a frame already partly on the wire.
+                    self.pending.truncate(usize::from(self.written > 0));
+                }
+                (reason.code(), reason.text().to_owned())
+            }
+            Ending::Violation(error) => (error.close_code(), error.to_string()),
+            Ending::PeerClosed(code) => (code.unwrap_or(close_code::NORMAL), String::new()),
+            Ending::Lost(_) => return,
+        };
+        self.pending.push_back(codec::encode_close(code, &reason));
+        let await_reply = !matches!(ending, Ending::PeerClosed(_));
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.close_handshake(await_reply)).await;
+    }
+
+    async fn close_handshake(&mut self, await_reply: bool) -> io::Result<()> {
+        while !self.pending.is_empty() {
+            poll_fn(|cx| poll_write(&mut self.writer, &mut self.pending, &mut self.written, cx))
+                .await?;
+        }
+        // Nothing follows a close frame: send FIN so the client sees the end.
+        self.writer.shutdown().await?;
+        if !await_reply {
+            return Ok(());
+        }
+        // Read until the client answers with its close frame, discarding
+        // anything else (including the rest of an oversized message).
+        loop {
+            let want = self.decoder.wanted(self.inbox.len(), READ_CHUNK);
+            if self.reader.read_into(&mut self.inbox, want).await? == 0 {
+                return Ok(());
+            }
+            loop {
+                match self.decoder.decode(&mut self.inbox) {
+                    Ok(Some(Event::Close(_))) | Err(_) => return Ok(()),
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                }
+            }
+        }
+    }
+}
+
+/// Writes as much of `pending` as the socket takes in one vectored write.
+fn poll_write<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    pending: &mut VecDeque<Bytes>,
+    written: &mut usize,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    let mut slices = [IoSlice::new(&[]); MAX_IOV];
+    let mut count = 0;
+    for (slot, frame) in slices.iter_mut().zip(pending.iter()) {
+        let start = if count == 0 { *written } else { 0 };
+        *slot = IoSlice::new(&frame[start..]);
+        count += 1;
+    }
+    let mut n = ready!(Pin::new(writer).poll_write_vectored(cx, &slices[..count]))?;
+    if n == 0 {
+        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+    }
+    while let Some(front) = pending.front_mut() {
+        let left = front.len() - *written;
+        if n < left {
+            *written += n;
+            break;
+        }
+        n -= left;
+        *written = 0;
+        pending.pop_front();
+    }
+    Poll::Ready(Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn poll_write_advances_through_partial_writes() {
+        // A duplex pipe with a tiny buffer forces partial writes.
+        let (mut near, mut far) = tokio::io::duplex(5);
+        let mut pending: VecDeque<Bytes> =
+            ["abc", "defg", "h"].into_iter().map(Bytes::from).collect();
+        let mut written = 0;
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            far.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        while !pending.is_empty() {
+            poll_fn(|cx| poll_write(&mut near, &mut pending, &mut written, cx))
+                .await
+                .unwrap();
+        }
+        near.shutdown().await.unwrap();
+        drop(near);
+        assert_eq!(reader.await.unwrap(), b"abcdefgh");
+        assert_eq!(written, 0);
+    }
+}
