@@ -76,9 +76,10 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub max_channels: u32,
 
-    /// Most messages waiting for one client before the slow-consumer policy applies.
-    #[arg(long, env = "WRS_CLIENT_QUEUE_MESSAGES", default_value_t = 1024,
-          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    /// Most messages waiting for one client before the slow-consumer policy applies
+    /// (a waiting message costs 32 bytes here; its payload is shared).
+    #[arg(long, env = "WRS_CLIENT_QUEUE_MESSAGES", default_value_t = 65_536,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub client_queue_messages: u32,
 
     /// Most bytes waiting for one client before the slow-consumer policy applies
