@@ -182,10 +182,10 @@ impl Channel {
         if let Some(reason) = members.closed {
             return Err(JoinError::Closed(reason));
         }
-        if let Some(limit) = self.spec.client_limit {
-            if members.clients.len() + members.reserved as usize >= limit as usize {
-                return Err(JoinError::Full { limit });
-            }
+        if let Some(limit) = self.spec.client_limit
+            && members.clients.len() + members.reserved as usize >= limit as usize
+        {
+            return Err(JoinError::Full { limit });
         }
         members.reserved += 1;
         Ok(Reservation {

@@ -222,7 +222,7 @@ impl Relay {
     }
 
     pub fn channel_count(&self) -> usize {
-        self.registry.len()
+        self.registry.count()
     }
 
     pub fn connections(&self) -> &TaskTracker {

@@ -100,6 +100,10 @@ pub enum RouteError {
 pub trait Roster {
     fn len(&self) -> usize;
     fn position(&self, id: ClientId) -> Option<usize>;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl Roster for [ClientId] {

@@ -124,7 +124,7 @@ impl Registry {
         all
     }
 
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.count.load(Ordering::Acquire)
     }
 }
@@ -151,11 +151,11 @@ mod tests {
         let channel = create(&registry).unwrap();
         assert_eq!(channel.token().reveal().len(), 16);
         assert!(Arc::ptr_eq(&registry.get(channel.id()).unwrap(), &channel));
-        assert_eq!(registry.len(), 1);
+        assert_eq!(registry.count(), 1);
         assert!(registry.remove(channel.id()).is_some());
         assert!(registry.remove(channel.id()).is_none());
         assert!(!registry.remove_exact(&channel));
-        assert_eq!(registry.len(), 0);
+        assert_eq!(registry.count(), 0);
     }
 
     #[test]
@@ -169,7 +169,7 @@ mod tests {
         );
         assert!(registry.remove_exact(&a));
         assert!(create(&registry).is_ok());
-        assert_eq!(registry.len(), 2);
+        assert_eq!(registry.count(), 2);
     }
 
     #[test]
@@ -184,7 +184,7 @@ mod tests {
             }
         }
         assert!(exhausted);
-        assert!(registry.len() <= 65_536);
+        assert!(registry.count() <= 65_536);
     }
 
     #[test]

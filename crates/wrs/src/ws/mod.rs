@@ -208,11 +208,11 @@ impl<'a, R: Source, W: AsyncWrite + Unpin + Send> Connection<'a, R, W> {
             self.process_inbox()
         };
         while ending.is_none() {
-            if self.pending.is_empty() {
-                if let Some(reason) = self.client.outbox.take(&mut self.pending) {
-                    ending = Some(Ending::Requested(reason));
-                    break;
-                }
+            if self.pending.is_empty()
+                && let Some(reason) = self.client.outbox.take(&mut self.pending)
+            {
+                ending = Some(Ending::Requested(reason));
+                break;
             }
             let want = self.decoder.wanted(self.inbox.len(), READ_CHUNK);
             tokio::select! {

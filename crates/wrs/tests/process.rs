@@ -1,0 +1,428 @@
+//! The `wrs` binary as an operator meets it: `--help`, configuration
+//! errors, logs on stdout, and a graceful stop on SIGTERM/SIGINT.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+const WRS: &str = env!("CARGO_BIN_EXE_wrs");
+
+/// Runs `wrs` to completion with `args` and `env`; returns (exit code, stdout, stderr).
+async fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let output = bounded(
+        "wrs to exit",
+        Command::new(WRS)
+            .args(args)
+            .envs(env.iter().copied())
+            .env_remove("RUST_LOG")
+            .output(),
+    )
+    .await
+    .expect("run wrs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A `wrs` process on an ephemeral port with its stdout lines streamed.
+struct Process {
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+    seen: Vec<String>,
+    addr: std::net::SocketAddr,
+}
+
+impl Process {
+    async fn start(env: &[(&str, &str)]) -> Process {
+        let mut child = Command::new(WRS)
+            .env("WRS_API_PORT", "0")
+            .env("WRS_BIND_ADDRESS", "127.0.0.1")
+            .env("WRS_LOG_FORMAT", "json")
+            .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn wrs");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut process = Process {
+            child,
+            lines,
+            seen: Vec::new(),
+            addr: "127.0.0.1:0".parse().unwrap(),
+        };
+        let listening = process.wait_for_log(|l| l["message"] == "listening").await;
+        process.addr = listening["address"].as_str().unwrap().parse().unwrap();
+        process
+    }
+
+    /// Waits for a JSON log line matching `predicate`.
+    async fn wait_for_log(&mut self, predicate: impl Fn(&Value) -> bool) -> Value {
+        if let Some(found) = self
+            .seen
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| predicate(l))
+        {
+            return found;
+        }
+        bounded("log line", async {
+            loop {
+                let line = self
+                    .lines
+                    .recv()
+                    .await
+                    .expect("stdout closed before the line appeared");
+                let value: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+                assert!(
+                    value["timestamp"].is_string() && value["level"].is_string(),
+                    "{line}"
+                );
+                self.seen.push(line);
+                if predicate(&value) {
+                    return value;
+                }
+            }
+        })
+        .await
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    async fn exit_code(&mut self) -> i32 {
+        bounded("wrs to exit", self.child.wait())
+            .await
+            .unwrap()
+            .code()
+            .unwrap_or(-1)
+    }
+}
+
+fn server_at(process: &Process) -> TestServerAt {
+    TestServerAt {
+        base: format!("http://{}", process.addr),
+        http: reqwest::Client::new(),
+    }
+}
+
+/// Plain HTTP helpers for a server in another process.
+struct TestServerAt {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl TestServerAt {
+    async fn status(&self, path: &str) -> u16 {
+        bounded(path, self.http.get(format!("{}{path}", self.base)).send())
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    async fn create(&self, pattern: &str) -> (String, String) {
+        let response = bounded(
+            "create",
+            self.http
+                .post(format!("{}/channels", self.base))
+                .body(format!(r#"{{"pattern":"{pattern}"}}"#))
+                .send(),
+        )
+        .await
+        .unwrap();
+        let body: Value = response.json().await.unwrap();
+        (
+            body["data"]["id"].as_str().unwrap().to_owned(),
+            body["token"].as_str().unwrap().to_owned(),
+        )
+    }
+}
+
+/// Every variable `wrs --help` documents.
+fn help_variables(help: &str) -> Vec<String> {
+    let mut vars: Vec<String> = help
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|rest| rest.split(['=', ']']).next())
+        .map(str::to_owned)
+        .collect();
+    vars.sort();
+    vars.dedup();
+    vars
+}
+
+#[tokio::test]
+async fn help_documents_every_setting_with_its_default() {
+    let (code, help, _) = run_to_end(&["--help"], &[]).await;
+    assert_eq!(code, 0);
+    let vars = help_variables(&help);
+    for expected in [
+        "WRS_API_PORT",
+        "WRS_BIND_ADDRESS",
+        "WRS_PUBLIC_API_PORT",
+        "WRS_DOMAIN",
+        "WRS_TOKEN_LENGTH",
+        "WRS_ID_LENGTH",
+        "WRS_MAX_MESSAGE_BYTES",
+        "WRS_MAX_CHANNELS",
+        "WRS_CLIENT_QUEUE_MESSAGES",
+        "WRS_CLIENT_QUEUE_BYTES",
+        "WRS_SLOW_CONSUMER",
+        "WRS_PING_INTERVAL_MS",
+        "WRS_SHUTDOWN_TIMEOUT_MS",
+        "WRS_NODE_ID",
+        "WRS_README_PATH",
+        "WRS_LOG_FORMAT",
+        "WRS_LOG",
+    ] {
+        assert!(
+            vars.iter().any(|v| v == expected),
+            "{expected} missing from --help"
+        );
+    }
+    for default in [
+        "[default: 8080]",
+        "[default: 127.0.0.1]",
+        "[default: 16]",
+        "[default: 4]",
+        "[default: 1048576]",
+        "[default: close]",
+        "[default: human]",
+    ] {
+        assert!(help.contains(default), "{default} missing from --help");
+    }
+    assert!(help.contains("-p, --port"));
+    let (code, version, _) = run_to_end(&["--version"], &[]).await;
+    assert_eq!(
+        (code, version.trim()),
+        (0, concat!("wrs ", env!("CARGO_PKG_VERSION")))
+    );
+}
+
+#[tokio::test]
+async fn the_readme_config_table_matches_help() {
+    let (_, help, _) = run_to_end(&["--help"], &[]).await;
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+        .expect("README.md");
+    let mut in_readme: Vec<String> = readme
+        .lines()
+        .filter(|l| l.starts_with("| `WRS_"))
+        .flat_map(|l| {
+            let first_cell = l.split('|').nth(1).unwrap_or("");
+            first_cell
+                .split('`')
+                .filter(|s| s.starts_with("WRS_"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    in_readme.sort();
+    in_readme.dedup();
+    assert_eq!(
+        in_readme,
+        help_variables(&help),
+        "README config table and --help disagree"
+    );
+}
+
+#[tokio::test]
+async fn invalid_configuration_exits_with_one_line_naming_the_variable() {
+    for (var, value) in [
+        ("WRS_API_PORT", "eighty"),
+        ("WRS_API_PORT", "70000"),
+        ("WRS_TOKEN_LENGTH", "3"),
+        ("WRS_SLOW_CONSUMER", "sometimes"),
+        ("WRS_LOG_FORMAT", "xml"),
+        ("WRS_BIND_ADDRESS", "localhost:80"),
+        ("WRS_CLIENT_QUEUE_BYTES", "100"),
+        ("WRS_LOG", "wrs=shouty"),
+    ] {
+        let (code, stdout, stderr) = run_to_end(&[], &[(var, value)]).await;
+        assert_eq!(code, 2, "{var}={value}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{var}={value}: {stderr:?}");
+        assert!(
+            stderr.starts_with("wrs: invalid configuration: "),
+            "{stderr}"
+        );
+        let names = if var == "WRS_LOG" { "log filter" } else { var };
+        assert!(stderr.contains(names), "{var}={value}: {stderr}");
+        assert!(stdout.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn startup_failures_exit_non_zero_with_a_reason() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let (code, _, stderr) = run_to_end(
+        &[],
+        &[("WRS_API_PORT", &port), ("WRS_BIND_ADDRESS", "127.0.0.1")],
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("cannot listen on 127.0.0.1:"), "{stderr}");
+    let (code, _, stderr) = run_to_end(
+        &[],
+        &[
+            ("WRS_API_PORT", "0"),
+            ("WRS_README_PATH", "/nonexistent/readme.md"),
+        ],
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("cannot read the readme at /nonexistent/readme.md"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_drains_clients_with_1001_and_exits() {
+    let mut process = Process::start(&[("WRS_SHUTDOWN_TIMEOUT_MS", "8000")]).await;
+    let http = server_at(&process);
+    let (id, token) = http.create("pub-sub").await;
+    let url = format!("ws://{}/channels/{id}/connect?token={token}", process.addr);
+    let (polite, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let mut polite = Ws { stream: polite };
+    // A client that never answers the close keeps the drain open for the
+    // closing handshake's bound, so readiness can be watched meanwhile.
+    let request = upgrade_request(&format!("/channels/{id}/connect?token={token}"));
+    let mut silent = raw_request(process.addr, &request).await;
+    assert_eq!(silent.status, 101);
+    assert_eq!(http.status("/readyz").await, 200);
+
+    process.signal("TERM");
+    assert_eq!(polite.expect_close(1001).await, "server shutting down");
+    let (opcode, payload) = read_server_frame(&mut silent.stream)
+        .await
+        .expect("close frame");
+    assert_eq!((opcode, close_code_of(&payload)), (0x8, 1001));
+    // While draining: not ready, and new connections are refused with 503.
+    assert_eq!(http.status("/readyz").await, 503);
+    assert_eq!(http.status("/healthz").await, 200);
+    let refused = raw_request(process.addr, &request).await;
+    assert_eq!(refused.status, 503);
+    drop(polite);
+    assert_eq!(process.exit_code().await, 0);
+    process
+        .wait_for_log(|l| l["message"] == "SIGTERM received")
+        .await;
+    process.wait_for_log(|l| l["message"] == "stopped").await;
+}
+
+#[tokio::test]
+async fn sigint_stops_too() {
+    let mut process = Process::start(&[]).await;
+    let started = std::time::Instant::now();
+    process.signal("INT");
+    assert_eq!(process.exit_code().await, 0);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    process
+        .wait_for_log(|l| l["message"] == "SIGINT received")
+        .await;
+}
+
+#[tokio::test]
+async fn json_logs_record_channel_lifecycle_and_rejections() {
+    let mut process = Process::start(&[]).await;
+    let http = server_at(&process);
+    let (id, _token) = http.create("push-pull").await;
+    let created = process
+        .wait_for_log(|l| l["message"] == "channel created")
+        .await;
+    assert_eq!(created["channel"], id.as_str());
+    assert_eq!(created["pattern"], "push-pull");
+    assert_eq!(created["level"], "INFO");
+    // A rejected connection: one line with the reason.
+    let refused = raw_request(
+        process.addr,
+        &upgrade_request(&format!("/channels/{id}/connect?token=nope")),
+    )
+    .await;
+    assert_eq!(refused.status, 401);
+    let rejected = process
+        .wait_for_log(|l| l["message"] == "connection rejected")
+        .await;
+    assert_eq!(rejected["channel"], id.as_str());
+    assert_eq!(rejected["reason"], "invalid_token");
+    assert_eq!(rejected["status"], 401);
+    assert!(rejected["peer"].as_str().unwrap().contains("127.0.0.1"));
+    // Deleting is logged; the token never is.
+    http.http
+        .delete(format!("{}/channels/{id}", http.base))
+        .send()
+        .await
+        .unwrap();
+    let deleted = process
+        .wait_for_log(|l| l["message"] == "channel deleted")
+        .await;
+    assert_eq!(deleted["channel"], id.as_str());
+    assert!(
+        !process.seen.iter().any(|l| l.contains(&_token)),
+        "the token was logged"
+    );
+    process.signal("TERM");
+    assert_eq!(process.exit_code().await, 0);
+}
+
+#[tokio::test]
+async fn human_logs_are_the_default() {
+    let mut child = Command::new(WRS)
+        .env("WRS_API_PORT", "0")
+        .env("WRS_BIND_ADDRESS", "127.0.0.1")
+        .env_remove("WRS_LOG_FORMAT")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = bounded("first log line", lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        first.contains("INFO") && first.contains("listening"),
+        "{first}"
+    );
+    assert!(
+        serde_json::from_str::<Value>(&first).is_err(),
+        "human logs are not JSON"
+    );
+    assert!(
+        !first.contains('\u{1b}'),
+        "no colour codes when stdout is not a terminal"
+    );
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert_eq!(bounded("exit", child.wait()).await.unwrap().code(), Some(0));
+}
