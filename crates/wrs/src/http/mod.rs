@@ -24,8 +24,8 @@ use error::{ApiError, MAX_BODY_BYTES};
 pub struct AppState {
     pub relay: Arc<Relay>,
     pub config: Arc<Config>,
-    /// The readme page, rendered at start.
-    pub readme: Arc<String>,
+    /// The readme page, rendered at start; cloning shares it.
+    pub readme: axum::body::Bytes,
 }
 
 /// The whole API. Channel routes answer under `/channels` and the

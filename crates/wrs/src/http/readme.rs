@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::Html;
 
@@ -58,6 +59,6 @@ fn escape(text: &str) -> String {
 }
 
 /// `GET /` and `GET /readme`
-pub async fn readme(State(app): State<AppState>) -> Html<String> {
-    Html(app.readme.as_ref().clone())
+pub async fn readme(State(app): State<AppState>) -> Html<Bytes> {
+    Html(app.readme.clone())
 }

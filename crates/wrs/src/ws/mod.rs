@@ -45,20 +45,20 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 pub(crate) async fn serve(upgraded: Upgraded, reservation: Reservation, relay: Arc<Relay>) {
     let channel = Arc::clone(reservation.channel());
     let limits = relay.settings().queue;
-    let client = match reservation.admit(limits) {
+    let (client, admitted) = match reservation.admit(limits) {
         Ok((_, client)) => {
             Stats::incr(&relay.stats().connections_open);
             // Draining began while this upgrade ran: it missed the sweep.
             if relay.is_draining() {
                 client.outbox.close(CloseReason::ServerShutdown);
             }
-            client
+            (client, true)
         }
         Err(reason) => {
             // The channel closed during the upgrade: tell the client why.
             let orphan = Arc::new(Client::new(ClientId::random(), limits));
             orphan.outbox.close(reason);
-            orphan
+            (orphan, false)
         }
     };
     if channel.spec().welcome {
@@ -83,8 +83,10 @@ pub(crate) async fn serve(upgraded: Upgraded, reservation: Reservation, relay: A
                 .await
         }
     };
-    channel.leave(client.id());
-    Stats::decr(&relay.stats().connections_open);
+    if admitted {
+        channel.leave(client.id());
+        Stats::decr(&relay.stats().connections_open);
+    }
     debug!(channel = %channel.id(), client = %client.id(), ending = %ending, "client disconnected");
 }
 
@@ -304,7 +306,12 @@ impl<'a, R: Source, W: AsyncWrite + Unpin + Send> Connection<'a, R, W> {
                 (reason.code(), reason.text().to_owned())
             }
             Ending::Violation(error) => (error.close_code(), error.to_string()),
-            Ending::PeerClosed(code) => (code.unwrap_or(close_code::NORMAL), String::new()),
+            Ending::PeerClosed(code) => {
+                // Answer at once (RFC 6455 §5.5.1): only a frame already
+                // partly written goes first.
+                self.pending.truncate(usize::from(self.written > 0));
+                (code.unwrap_or(close_code::NORMAL), String::new())
+            }
             Ending::Lost(_) => return,
         };
         self.pending.push_back(codec::encode_close(code, &reason));
