@@ -3,7 +3,8 @@
 # errors), then every unit and integration test. Integration tests start
 # real servers on ephemeral loopback ports. The README example test runs
 # the README's curl commands and browser JavaScript, so this script makes
-# sure curl and a Node.js with the standard WebSocket API are present.
+# sure curl and a Node.js with the standard WebSocket API are present; the
+# page tests drive a real headless Chromium through chromedriver.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +22,11 @@ if ! have curl || ! have npm; then
   echo "== installing curl and npm (Debian packages)"
   as_root apt-get update -qq
   as_root apt-get install -y -qq curl npm >/dev/null
+fi
+if ! have chromium || ! have chromedriver; then
+  echo "== installing chromium and chromium-driver (Debian packages) for the browser tests"
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
 if ! node_has_websocket; then
   # Node 22 from the npm registry: the standard WebSocket is built in.

@@ -5,6 +5,7 @@
 pub mod channels;
 pub mod connect;
 pub mod error;
+pub mod pages;
 pub mod readme;
 pub mod service;
 
@@ -45,6 +46,8 @@ pub fn router(state: AppState) -> Router {
     router
         .route("/", get(readme::readme))
         .route("/readme", get(readme::readme))
+        .route("/client", get(pages::client))
+        .route("/docs", get(pages::docs))
         .route("/reset", delete(channels::reset))
         .route("/service", get(service::service))
         .route("/cluster", get(service::cluster))
