@@ -106,6 +106,43 @@ pub struct Config {
     #[arg(long, env = "WRS_NODE_ID", value_parser = parse_node_id)]
     pub node_id: Option<String>,
 
+    /// Require the API token (WRS_AUTH_TOKEN) on the resources in WRS_AUTH_RESOURCES.
+    #[arg(short = 'a', long = "auth", env = "WRS_AUTH")]
+    pub auth: bool,
+
+    /// The API token: accepted as `Authorization: Bearer <token>`, query `?auth=<token>` or body field "auth".
+    #[arg(short = 't', long = "token", env = "WRS_AUTH_TOKEN", value_parser = parse_secret, hide_env_values = true)]
+    pub auth_token: Option<Secret>,
+
+    /// Space-separated METHOD:PATH_REGEX entries that need the API token; METHOD may be *, the regex
+    /// must match from the start of the path [default: everything, *:.*].
+    #[arg(long, env = "WRS_AUTH_RESOURCES", default_value = "")]
+    pub auth_resources: String,
+
+    /// Serve HTTPS and WSS on the API port (needs WRS_SSL_CERT_PATH and WRS_SSL_KEY_PATH).
+    #[arg(short = 's', long = "ssl", env = "WRS_SSL")]
+    pub ssl: bool,
+
+    /// PEM certificate chain for WRS_SSL.
+    #[arg(long, env = "WRS_SSL_CERT_PATH")]
+    pub ssl_cert_path: Option<std::path::PathBuf>,
+
+    /// PEM private key for WRS_SSL.
+    #[arg(long, env = "WRS_SSL_KEY_PATH")]
+    pub ssl_key_path: Option<std::path::PathBuf>,
+
+    /// TLS is terminated in front of the service: links and docs use https and wss.
+    #[arg(long, env = "WRS_PUBLIC_SSL")]
+    pub public_ssl: bool,
+
+    /// Add GET aliases for browsers: /channels/create?pattern=... and /channels/{id}/delete.
+    #[arg(long, env = "WRS_BROWSER_ONLY")]
+    pub browser_only: bool,
+
+    /// Origins allowed by CORS on the REST API: * or a comma-separated list such as https://app.example.
+    #[arg(long, env = "WRS_CORS_ORIGINS", default_value = "*")]
+    pub cors_origins: String,
+
     /// Markdown file served as HTML at / and /readme [default: the built-in API readme].
     #[arg(long, env = "WRS_README_PATH")]
     pub readme_path: Option<std::path::PathBuf>,
@@ -173,6 +210,21 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
+        if self.auth && self.auth_token.is_none() {
+            return Err(
+                "WRS_AUTH=true needs an API token in WRS_AUTH_TOKEN (or --token)".to_owned(),
+            );
+        }
+        crate::http::auth::AuthPolicy::parse(&self.auth_resources)
+            .map_err(|e| format!("WRS_AUTH_RESOURCES: {e}"))?;
+        if self.ssl && (self.ssl_cert_path.is_none() || self.ssl_key_path.is_none()) {
+            return Err(
+                "WRS_SSL=true needs WRS_SSL_CERT_PATH and WRS_SSL_KEY_PATH (PEM files)".to_owned(),
+            );
+        }
+        crate::http::cors_layer(&self.cors_origins)
+            .map(drop)
+            .map_err(|e| format!("WRS_CORS_ORIGINS: {e}"))?;
         let needed = self.max_message_bytes as usize + FRAME_HEADER_MAX;
         if (self.client_queue_bytes as usize) < needed {
             return Err(format!(
@@ -185,6 +237,23 @@ impl Config {
                 .map_err(|e| format!("invalid log filter {filter:?} (WRS_LOG / RUST_LOG): {e}"))?;
         }
         Ok(())
+    }
+
+    /// Whether clients reach the service over TLS (served here or in front).
+    pub fn public_tls(&self) -> bool {
+        self.ssl || self.public_ssl
+    }
+
+    /// The service's public HTTP base URL, e.g. `https://wrs.example:443`.
+    pub fn public_http_url(&self) -> String {
+        let scheme = if self.public_tls() { "https" } else { "http" };
+        format!("{scheme}://{}:{}", self.domain, self.public_port())
+    }
+
+    /// The service's public WebSocket base URL, e.g. `wss://wrs.example:443`.
+    pub fn public_ws_url(&self) -> String {
+        let scheme = if self.public_tls() { "wss" } else { "ws" };
+        format!("{scheme}://{}:{}", self.domain, self.public_port())
     }
 
     /// The port clients see.
@@ -216,6 +285,35 @@ impl Config {
             slow_consumer: self.slow_consumer,
             ping_interval: Duration::from_millis(self.ping_interval_ms),
         }
+    }
+}
+
+/// A secret setting: `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one comparison that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+fn parse_secret(text: &str) -> Result<Secret, String> {
+    if text.is_empty() {
+        Err("must not be empty".to_owned())
+    } else {
+        Ok(Secret(text.to_owned()))
     }
 }
 
@@ -331,6 +429,61 @@ mod tests {
             ])
             .is_ok()
         );
+    }
+
+    #[test]
+    fn auth_needs_a_token_and_valid_resources() {
+        assert!(invalid(&["wrs", "--auth"]).contains("WRS_AUTH_TOKEN"));
+        let c = Config::load_from(["wrs", "-a", "-t", "s3cret"]).unwrap();
+        assert!(c.auth);
+        assert_eq!(c.auth_token.as_ref().map(Secret::expose), Some("s3cret"));
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "the token leaks through Debug"
+        );
+        assert!(
+            invalid(&["wrs", "--auth-resources", "GET:/channels("]).contains("WRS_AUTH_RESOURCES")
+        );
+        assert!(invalid(&["wrs", "--auth-resources", "FETCH:/x"]).contains("WRS_AUTH_RESOURCES"));
+        assert!(invalid(&["wrs", "--auth-resources", "/no-method"]).contains("WRS_AUTH_RESOURCES"));
+        assert!(invalid(&["wrs", "--token", ""]).contains("WRS_AUTH_TOKEN"));
+    }
+
+    #[test]
+    fn ssl_needs_both_files_and_sets_public_urls() {
+        assert!(invalid(&["wrs", "--ssl"]).contains("WRS_SSL_CERT_PATH"));
+        assert!(invalid(&["wrs", "-s", "--ssl-cert-path", "c.pem"]).contains("WRS_SSL_KEY_PATH"));
+        let c = Config::load_from([
+            "wrs",
+            "-s",
+            "--ssl-cert-path",
+            "c.pem",
+            "--ssl-key-path",
+            "k.pem",
+            "--domain",
+            "wrs.example",
+        ])
+        .unwrap();
+        assert_eq!(c.public_http_url(), "https://wrs.example:8080");
+        assert_eq!(c.public_ws_url(), "wss://wrs.example:8080");
+        let c = Config::load_from(["wrs", "--public-ssl", "--public-api-port", "443"]).unwrap();
+        assert_eq!(c.public_ws_url(), "wss://127.0.0.1:443");
+        let c = Config::load_from(["wrs"]).unwrap();
+        assert_eq!(c.public_http_url(), "http://127.0.0.1:8080");
+    }
+
+    #[test]
+    fn cors_origins_are_validated() {
+        assert!(
+            Config::load_from([
+                "wrs",
+                "--cors-origins",
+                "https://a.example, http://b.example:3000"
+            ])
+            .is_ok()
+        );
+        assert!(invalid(&["wrs", "--cors-origins", "not a url"]).contains("WRS_CORS_ORIGINS"));
+        assert!(invalid(&["wrs", "--cors-origins", ""]).contains("WRS_CORS_ORIGINS"));
     }
 
     #[test]

@@ -16,14 +16,16 @@
 pub mod backplane;
 pub mod config;
 pub mod http;
+pub mod listen;
+pub mod metrics;
 pub mod relay;
 pub mod telemetry;
+pub mod tls;
 pub mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +44,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
     #[error("cannot listen on {address}: {source}")]
     Bind {
         address: SocketAddr,
@@ -67,6 +71,10 @@ pub struct Server {
 /// [`StartError`] if the readme cannot be read or the address cannot be
 /// bound.
 pub async fn start(mut config: Config) -> Result<Server, StartError> {
+    let acceptor = match (config.ssl, &config.ssl_cert_path, &config.ssl_key_path) {
+        (true, Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+        _ => None,
+    };
     let address = SocketAddr::new(config.bind_address, config.api_port);
     let listener = TcpListener::bind(address)
         .await
@@ -90,6 +98,7 @@ pub async fn start(mut config: Config) -> Result<Server, StartError> {
     let stop = CancellationToken::new();
     let task = tokio::spawn(run(
         listener,
+        acceptor,
         app,
         Arc::clone(&relay),
         stop.clone(),
@@ -126,22 +135,33 @@ impl Server {
 
 async fn run(
     listener: TcpListener,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
     app: axum::Router,
     relay: Arc<Relay>,
     stop: CancellationToken,
     shutdown_timeout: std::time::Duration,
 ) {
     let http_stop = CancellationToken::new();
-    let listener = listener.tap_io(|tcp| {
-        // Frames are batched per write already; never wait for more.
-        let _ = tcp.set_nodelay(true);
-    });
-    let http = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(http_stop.clone().cancelled_owned());
-    let mut http = tokio::spawn(http.into_future());
+    let service = app.into_make_service_with_connect_info::<listen::PeerAddr>();
+    let graceful = http_stop.clone().cancelled_owned();
+    let mut http = match acceptor {
+        None => tokio::spawn(
+            axum::serve(listen::PlainListener(listener), service)
+                .with_graceful_shutdown(graceful)
+                .into_future(),
+        ),
+        Some(acceptor) => match tls::TlsListener::new(listener, acceptor) {
+            Ok(listener) => tokio::spawn(
+                axum::serve(listener, service)
+                    .with_graceful_shutdown(graceful)
+                    .into_future(),
+            ),
+            Err(error) => {
+                warn!(%error, "cannot start the TLS listener");
+                return;
+            }
+        },
+    };
     tokio::select! {
         () = stop.cancelled() => {}
         result = &mut http => {

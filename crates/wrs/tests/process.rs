@@ -127,7 +127,7 @@ impl Process {
 fn server_at(process: &Process) -> TestServerAt {
     TestServerAt {
         base: format!("http://{}", process.addr),
-        http: reqwest::Client::new(),
+        http: http_client(),
     }
 }
 

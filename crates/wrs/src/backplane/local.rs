@@ -6,22 +6,23 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::Backplane;
+use crate::metrics::Metrics;
 use crate::relay::channel::Channel;
 use crate::relay::ids::ClientId;
 use crate::relay::pattern::{self, Intent, Pattern, Receivers, Roster, RouteError};
 use crate::relay::subprotocol::{self, Envelope, FrameError};
-use crate::relay::{Delivered, Message, SlowConsumerPolicy, Stats, offer};
+use crate::relay::{Delivered, Message, SlowConsumerPolicy, offer};
 use crate::ws::codec::{self, OpCode};
 
 #[derive(Debug)]
 pub struct LocalBackplane {
-    stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
     policy: SlowConsumerPolicy,
 }
 
 impl LocalBackplane {
-    pub fn new(stats: Arc<Stats>, policy: SlowConsumerPolicy) -> Self {
-        Self { stats, policy }
+    pub fn new(metrics: Arc<Metrics>, policy: SlowConsumerPolicy) -> Self {
+        Self { metrics, policy }
     }
 }
 
@@ -44,7 +45,7 @@ impl Backplane for LocalBackplane {
         let deliver = |position: usize| {
             members.client_at(position).is_some_and(|client| {
                 offer(
-                    &self.stats,
+                    &self.metrics,
                     self.policy,
                     channel.id(),
                     client,

@@ -1,19 +1,21 @@
 //! `/channels` (alias `/channel`) and `/reset`: creating, listing,
 //! inspecting and deleting channels.
 
+use std::time::{Duration, SystemTime};
+
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, Path, RawQuery, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::{Map, Value};
-use std::time::{Duration, SystemTime};
+use utoipa::ToSchema;
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use crate::relay::channel::{Channel, ChannelSpec};
 use crate::relay::ids::{ChannelId, ClientId};
 use crate::relay::pattern::Pattern;
@@ -24,13 +26,14 @@ pub const MAX_CLIENT_LIMIT: u64 = 1_000_000;
 pub const MAX_TIMEOUT_MS: u64 = 30 * 24 * 60 * 60 * 1000;
 /// `timeout` when none is given, in ms (24 hours).
 pub const DEFAULT_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
-/// The fields `POST /channels` accepts.
-const FIELDS: [&str; 4] = ["pattern", "clientLimit", "timeout", "welcome"];
+/// The fields `POST /channels` accepts (`auth` carries the API token).
+const FIELDS: [&str; 5] = ["pattern", "clientLimit", "timeout", "welcome", "auth"];
 const PATTERN_NAMES: &str = "echo, pub-sub, push-pull, req-repl, fan-in-out";
 
 /// The success envelope: `{"message": ..., "data": ...}`.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct Envelope<T> {
+    /// What happened, for humans.
     pub message: String,
     pub data: T,
 }
@@ -43,9 +46,10 @@ pub fn ok<T: Serialize>(message: impl Into<String>, data: T) -> Json<Envelope<T>
 }
 
 /// A channel as the API shows it. The token is never part of it.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ChannelView {
+    #[schema(example = "D679-05F5")]
     id: String,
     pattern: Pattern,
     /// Inactivity timeout in ms, -1 = never.
@@ -54,8 +58,56 @@ pub struct ChannelView {
     countdown: i64,
     /// Most clients, -1 = unlimited.
     client_limit: i64,
+    /// Clients connected now.
     clients: usize,
+    /// RFC 3339, UTC.
+    #[schema(example = "2026-11-22T09:30:00.123Z")]
     created_at: String,
+}
+
+/// The create response: the only place the token is ever shown.
+#[derive(Serialize, ToSchema)]
+pub struct Created {
+    message: String,
+    /// The secret clients need to connect.
+    #[schema(example = "q3M9vR1xT0bLk2Ze")]
+    token: String,
+    data: ChannelView,
+}
+
+/// The body of `POST /channels`.
+#[derive(ToSchema)]
+#[schema(example = json!({"pattern": "pub-sub", "clientLimit": -1, "timeout": 86400000, "welcome": false}))]
+#[allow(dead_code)] // Read by the OpenAPI generator; bodies are validated by `spec_from_fields`.
+pub struct CreateChannel {
+    pattern: Pattern,
+    /// Most simultaneous clients: -1 (unlimited, default) or 1 to 1000000.
+    #[schema(rename = "clientLimit", minimum = -1, maximum = 1000000)]
+    client_limit: Option<i64>,
+    /// Inactivity timeout in ms: -1 (never) or 1 to 2592000000; default 86400000.
+    #[schema(minimum = -1, maximum = 2592000000i64)]
+    timeout: Option<i64>,
+    /// Send each client a `{"type":"hello"}` frame with its id on connect.
+    welcome: Option<bool>,
+    /// The API token, when `WRS_AUTH` protects this route (instead of the header).
+    auth: Option<String>,
+}
+
+/// A connected client.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientView {
+    #[schema(value_type = String, example = "3F2A-91C0-7B44")]
+    id: ClientId,
+    #[schema(example = "2026-11-22T09:31:00.004Z")]
+    connected_at: String,
+}
+
+/// The result of `DELETE /reset`.
+#[derive(Serialize, ToSchema)]
+pub struct Deleted {
+    /// How many channels were deleted.
+    deleted: usize,
 }
 
 impl ChannelView {
@@ -94,6 +146,8 @@ impl<S: Send + Sync> FromRequestParts<S> for ChannelPath {
 }
 
 /// `GET /channels`
+#[utoipa::path(get, path = "/channels", tag = "channels", summary = "List all channels, oldest first",
+    responses((status = 200, body = Envelope<Vec<ChannelView>>)))]
 pub async fn list(State(app): State<AppState>) -> impl IntoResponse {
     let channels: Vec<_> = app
         .relay
@@ -105,22 +159,29 @@ pub async fn list(State(app): State<AppState>) -> impl IntoResponse {
 }
 
 /// `POST /channels`
+#[utoipa::path(post, path = "/channels", tag = "channels", summary = "Create a channel",
+    description = "The response is the only place the channel's token is ever shown. Unknown fields, wrong types and out-of-range values get 400 naming the field.",
+    request_body(content = CreateChannel, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Created; `Location` names the channel", body = Created),
+        (status = 400, description = "Bad body, naming the field", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 429, description = "This node holds WRS_MAX_CHANNELS channels", body = ErrorBody)))]
 pub async fn create(
     State(app): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let spec = parse_spec(&body?)?;
+    let spec = spec_from_fields(&parse_body(&body?)?)?;
+    created(&app, spec)
+}
+
+/// Creates the channel and answers 201 with its token.
+fn created(app: &AppState, spec: ChannelSpec) -> Result<Response, ApiError> {
     let channel = app.relay.create_channel(spec)?;
-    #[derive(Serialize)]
-    struct Created<'a> {
-        message: String,
-        token: &'a str,
-        data: ChannelView,
-    }
     let location = format!("/channels/{}", channel.id());
     let body = Created {
         message: format!("channel {} created", channel.id()),
-        token: channel.token().reveal(),
+        token: channel.token().reveal().to_owned(),
         data: ChannelView::of(&channel),
     };
     Ok((
@@ -132,6 +193,9 @@ pub async fn create(
 }
 
 /// `GET /channels/{id}`
+#[utoipa::path(get, path = "/channels/{id}", tag = "channels", summary = "Show one channel",
+    params(("id" = String, Path, description = "Channel id")),
+    responses((status = 200, body = Envelope<ChannelView>), (status = 404, body = ErrorBody)))]
 pub async fn show(
     State(app): State<AppState>,
     ChannelPath(id): ChannelPath,
@@ -144,13 +208,21 @@ pub async fn show(
 }
 
 /// `DELETE /channels/{id}`: its clients are closed with 4001.
+#[utoipa::path(delete, path = "/channels/{id}", tag = "channels", summary = "Delete a channel",
+    description = "Its clients are closed with code 4001 `channel deleted`.",
+    params(("id" = String, Path, description = "Channel id")),
+    responses((status = 200, body = Envelope<ChannelView>), (status = 404, body = ErrorBody)))]
 pub async fn remove(
     State(app): State<AppState>,
     ChannelPath(id): ChannelPath,
 ) -> Result<impl IntoResponse, ApiError> {
+    deleted(&app, &id)
+}
+
+fn deleted(app: &AppState, id: &ChannelId) -> Result<Json<Envelope<ChannelView>>, ApiError> {
     let channel = app
         .relay
-        .delete_channel(&id)
+        .delete_channel(id)
         .ok_or_else(|| ApiError::channel_not_found(id.as_str()))?;
     Ok(ok(
         format!("channel {id} deleted"),
@@ -159,16 +231,14 @@ pub async fn remove(
 }
 
 /// `GET /channels/{id}/clients`
+#[utoipa::path(get, path = "/channels/{id}/clients", tag = "channels", summary = "List a channel's clients",
+    description = "The connected clients' ids, in join order.",
+    params(("id" = String, Path, description = "Channel id")),
+    responses((status = 200, body = Envelope<Vec<ClientView>>), (status = 404, body = ErrorBody)))]
 pub async fn clients(
     State(app): State<AppState>,
     ChannelPath(id): ChannelPath,
 ) -> Result<impl IntoResponse, ApiError> {
-    #[derive(Serialize)]
-    #[serde(rename_all = "camelCase")]
-    struct ClientView {
-        id: ClientId,
-        connected_at: String,
-    }
     let channel = app
         .relay
         .channel(&id)
@@ -188,44 +258,101 @@ pub async fn clients(
 }
 
 /// `DELETE /reset`: deletes every channel.
+#[utoipa::path(delete, path = "/reset", tag = "service", summary = "Delete all channels",
+    responses((status = 200, body = Envelope<Deleted>)))]
 pub async fn reset(State(app): State<AppState>) -> impl IntoResponse {
-    #[derive(Serialize)]
-    struct Deleted {
-        deleted: usize,
-    }
     let deleted = app.relay.reset();
     ok(format!("{deleted} channel(s) deleted"), Deleted { deleted })
 }
 
-/// Validates a create body: a JSON object with exactly the known fields,
-/// each of the right type and range. An empty body is an empty object.
+/// `GET /channels/create?pattern=...` (browser-only mode)
+#[utoipa::path(get, path = "/channels/create", tag = "browser-only", summary = "Create a channel with GET",
+    description = "Only with WRS_BROWSER_ONLY=true. Same fields and validation as POST /channels, as query parameters.",
+    params(
+        ("pattern" = Pattern, Query, description = "The messaging pattern"),
+        ("clientLimit" = Option<i64>, Query, description = "-1 (unlimited) or 1 to 1000000"),
+        ("timeout" = Option<i64>, Query, description = "Inactivity timeout in ms: -1 (never) or 1 to 2592000000"),
+        ("welcome" = Option<bool>, Query, description = "true sends each client a hello frame")),
+    responses((status = 201, body = Created), (status = 400, body = ErrorBody), (status = 429, body = ErrorBody)))]
+pub async fn create_via_get(
+    State(app): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let spec = spec_from_fields(&query_fields(query.as_deref().unwrap_or(""))?)?;
+    created(&app, spec)
+}
+
+/// `GET /channels/{id}/delete` (browser-only mode)
+#[utoipa::path(get, path = "/channels/{id}/delete", tag = "browser-only", summary = "Delete a channel with GET",
+    description = "Only with WRS_BROWSER_ONLY=true. Same as DELETE /channels/{id}.",
+    params(("id" = String, Path, description = "Channel id")),
+    responses((status = 200, body = Envelope<ChannelView>), (status = 404, body = ErrorBody)))]
+pub async fn delete_via_get(
+    State(app): State<AppState>,
+    ChannelPath(id): ChannelPath,
+) -> Result<impl IntoResponse, ApiError> {
+    deleted(&app, &id)
+}
+
+/// Turns a query string into create fields: numbers and booleans where
+/// the text is one, strings otherwise, so that validation and its messages
+/// are exactly those of the JSON body.
+fn query_fields(query: &str) -> Result<Map<String, Value>, ApiError> {
+    let mut fields = Map::new();
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        let value = match key.as_ref() {
+            "clientLimit" | "timeout" => value
+                .parse::<i64>()
+                .map_or_else(|_| Value::String(value.to_string()), Value::from),
+            "welcome" => match value.as_ref() {
+                "true" => Value::Bool(true),
+                "false" => Value::Bool(false),
+                _ => Value::String(value.to_string()),
+            },
+            _ => Value::String(value.to_string()),
+        };
+        if fields.insert(key.to_string(), value).is_some() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "duplicate_field",
+                format!("field {key:?} is given more than once"),
+            ));
+        }
+    }
+    Ok(fields)
+}
+
+/// Parses a create body: a JSON object (an empty body is an empty object).
 ///
 /// # Errors
 ///
-/// 400 naming the field: `invalid_json`, `invalid_body`, `unknown_field`,
-/// `missing_field` or `invalid_field`.
-pub fn parse_spec(body: &[u8]) -> Result<ChannelSpec, ApiError> {
-    let fields = if body.iter().all(u8::is_ascii_whitespace) {
-        Map::new()
-    } else {
-        match serde_json::from_slice::<Value>(body) {
-            Ok(Value::Object(fields)) => fields,
-            Ok(_) => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_body",
-                    r#"the body must be a JSON object, e.g. {"pattern":"pub-sub"}"#,
-                ));
-            }
-            Err(e) => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_json",
-                    format!("the body is not valid JSON: {e}"),
-                ));
-            }
-        }
-    };
+/// 400 `invalid_json` or `invalid_body`.
+pub fn parse_body(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(fields)) => Ok(fields),
+        Ok(_) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            r#"the body must be a JSON object, e.g. {"pattern":"pub-sub"}"#,
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("the body is not valid JSON: {e}"),
+        )),
+    }
+}
+
+/// Validates create fields: exactly the known fields, each of the right
+/// type and range. `auth` is the API token and ignored here.
+///
+/// # Errors
+///
+/// 400 naming the field: `unknown_field`, `missing_field` or `invalid_field`.
+pub fn spec_from_fields(fields: &Map<String, Value>) -> Result<ChannelSpec, ApiError> {
     if let Some(unknown) = fields.keys().find(|key| !FIELDS.contains(&key.as_str())) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -288,6 +415,10 @@ fn limit(value: &Value, field: &str, max: u64, none: &str) -> Result<Option<u64>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse_spec(body: &[u8]) -> Result<ChannelSpec, ApiError> {
+        spec_from_fields(&parse_body(body)?)
+    }
 
     fn error_of(body: &str) -> (StatusCode, &'static str) {
         let error = parse_spec(body.as_bytes()).expect_err(body);
@@ -370,6 +501,44 @@ mod tests {
         ] {
             assert_eq!(error_of(body), (bad, code), "{body}");
         }
+    }
+
+    #[test]
+    fn query_strings_validate_like_bodies() {
+        let spec = spec_from_fields(
+            &query_fields("pattern=push-pull&clientLimit=3&timeout=-1&welcome=true&auth=x")
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            (spec.pattern, spec.client_limit, spec.timeout, spec.welcome),
+            (Pattern::PushPull, Some(3), None, true)
+        );
+        for (query, code) in [
+            ("", "missing_field"),
+            ("pattern=nope", "invalid_field"),
+            ("pattern=echo&clientLimit=many", "invalid_field"),
+            ("pattern=echo&clientLimit=0", "invalid_field"),
+            ("pattern=echo&timeout=1.5", "invalid_field"),
+            ("pattern=echo&welcome=yes", "invalid_field"),
+            ("pattern=echo&color=red", "unknown_field"),
+        ] {
+            let error = query_fields(query)
+                .and_then(|f| spec_from_fields(&f))
+                .unwrap_err();
+            assert_eq!(error.code(), code, "{query}");
+        }
+        assert_eq!(
+            query_fields("pattern=echo&pattern=pub-sub")
+                .unwrap_err()
+                .code(),
+            "duplicate_field"
+        );
+    }
+
+    #[test]
+    fn the_auth_field_is_reserved_for_the_api_token() {
+        assert!(parse_spec(br#"{"pattern":"echo","auth":"token"}"#).is_ok());
     }
 
     #[test]

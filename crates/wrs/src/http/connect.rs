@@ -2,7 +2,6 @@
 //! channel. Every refusal happens before the upgrade, with a JSON body,
 //! and is logged with its reason.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -15,8 +14,7 @@ use tracing::{debug, info};
 
 use super::AppState;
 use super::channels::ChannelPath;
-use super::error::{ApiError, connect_error};
-use crate::relay::Stats;
+use super::error::{ApiError, ErrorBody, connect_error};
 use crate::ws;
 
 #[derive(Deserialize)]
@@ -24,6 +22,18 @@ pub struct ConnectQuery {
     token: Option<String>,
 }
 
+/// `GET /channels/{id}/connect?token=T`
+#[utoipa::path(get, path = "/channels/{id}/connect", tag = "connect", summary = "Connect to a channel over WebSocket",
+    description = "A WebSocket upgrade (`new WebSocket(\"ws://host/channels/ID/connect?token=TOKEN\")`). Refusals come before the upgrade, each with a JSON body. After the upgrade, close codes: 1000 normal, 1001 server shutting down, 1002 protocol error, 1007 invalid UTF-8, 1008 policy (message too large, slow consumer), 4001 channel deleted, 4002 channel timed out.",
+    params(("id" = String, Path, description = "Channel id"), ("token" = String, Query, description = "The channel's token")),
+    responses(
+        (status = 101, description = "Switching Protocols: the WebSocket is open"),
+        (status = 400, description = "Malformed handshake", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "Unknown channel", body = ErrorBody),
+        (status = 409, description = "Channel full (clientLimit)", body = ErrorBody),
+        (status = 426, description = "Not a WebSocket upgrade, or not version 13", body = ErrorBody),
+        (status = 503, description = "Node draining", body = ErrorBody)))]
 pub async fn connect(
     State(app): State<AppState>,
     path: Result<ChannelPath, ApiError>,
@@ -35,15 +45,15 @@ pub async fn connect(
         .map_or_else(|_| "-".to_owned(), |p| p.0.to_string());
     match upgrade(&app, path, query, &mut request) {
         Ok(response) => {
-            Stats::incr(&app.relay.stats().connections_accepted);
+            app.relay.metrics().connections_accepted.inc();
             response
         }
         Err(error) => {
-            Stats::incr(&app.relay.stats().connections_rejected);
+            app.relay.metrics().connect_rejected(error.code());
             let peer = request
                 .extensions()
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|info| info.0);
+                .get::<ConnectInfo<crate::listen::PeerAddr>>()
+                .map(|info| info.0.0);
             info!(
                 channel,
                 peer = ?peer,

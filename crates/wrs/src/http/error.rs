@@ -25,10 +25,17 @@ pub struct ApiError {
     header: Option<(HeaderName, HeaderValue)>,
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    message: &'a str,
-    error: &'a str,
+/// Every error response's body.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, for humans; names the field at fault.
+    #[schema(
+        example = "field \"clientLimit\" must be -1 (unlimited) or an integer from 1 to 1000000"
+    )]
+    pub message: String,
+    /// A stable machine-readable code.
+    #[schema(example = "invalid_field")]
+    pub error: String,
 }
 
 impl ApiError {
@@ -79,8 +86,8 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Json(ErrorBody {
-            message: &self.message,
-            error: self.code,
+            message: self.message,
+            error: self.code.to_owned(),
         });
         let mut response = (self.status, body).into_response();
         if let Some((name, value)) = self.header {

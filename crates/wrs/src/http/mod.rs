@@ -1,20 +1,27 @@
-//! The REST surface: one router built by [`router`], one file per
-//! resource, one error type ([`error::ApiError`]). Every response body is
-//! a JSON object, including 404, 405 and 413.
+//! The REST surface: one router built by [`router`] from the same
+//! registration as the OpenAPI document ([`openapi`]), one file per
+//! resource, one error type ([`error::ApiError`]). Every response body is a
+//! JSON object, including 401, 404, 405 and 413. Layers, outermost first:
+//! CORS, HTTP metrics, API auth (with `WRS_AUTH`), body limit.
 
+pub mod auth;
 pub mod channels;
 pub mod connect;
 pub mod error;
+pub mod openapi;
 pub mod pages;
 pub mod readme;
 pub mod service;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::extract::DefaultBodyLimit;
-use axum::http::{Method, StatusCode, Uri};
-use axum::routing::{delete, get};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::middleware::{Next, from_fn_with_state};
+use axum::response::Response;
+use axum::{Extension, Router};
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 use crate::config::Config;
 use crate::relay::Relay;
@@ -29,34 +36,98 @@ pub struct AppState {
     pub readme: axum::body::Bytes,
 }
 
-/// The whole API. Channel routes answer under `/channels` and the
-/// singular alias `/channel`.
+/// The whole API.
+///
+/// # Panics
+///
+/// Never for a configuration that passed validation (auth resources and
+/// CORS origins are checked there).
 pub fn router(state: AppState) -> Router {
-    let mut router = Router::new();
-    for prefix in ["/channels", "/channel"] {
-        router = router
-            .route(prefix, get(channels::list).post(channels::create))
-            .route(
-                &format!("{prefix}/{{id}}"),
-                get(channels::show).delete(channels::remove),
-            )
-            .route(&format!("{prefix}/{{id}}/clients"), get(channels::clients))
-            .route(&format!("{prefix}/{{id}}/connect"), get(connect::connect));
-    }
-    router
-        .route("/", get(readme::readme))
-        .route("/readme", get(readme::readme))
-        .route("/client", get(pages::client))
-        .route("/docs", get(pages::docs))
-        .route("/reset", delete(channels::reset))
-        .route("/service", get(service::service))
-        .route("/cluster", get(service::cluster))
-        .route("/healthz", get(service::healthz))
-        .route("/readyz", get(service::readyz))
+    let config = Arc::clone(&state.config);
+    let policy = config.auth.then(|| {
+        auth::AuthPolicy::parse(&config.auth_resources).expect("validated with the config")
+    });
+    let (router, doc) = openapi::routes(&config).split_for_parts();
+    let doc = openapi::finish(doc, &config, policy.as_ref());
+    let mut router = router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(Extension(doc))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+    if let (Some(policy), Some(token)) = (policy, config.auth_token.clone()) {
+        let auth = Arc::new(auth::Auth { policy, token });
+        router = router.layer(from_fn_with_state(auth, auth::require_token));
+    }
+    router
+        .layer(from_fn_with_state(Arc::clone(&state.relay), record_http))
+        .layer(cors_layer(&config.cors_origins).expect("validated with the config"))
         .with_state(state)
+}
+
+/// CORS for `WRS_CORS_ORIGINS`: `*` or a comma-separated list of origins.
+/// Requested headers are mirrored, so `Authorization` works cross-origin.
+///
+/// # Errors
+///
+/// A message naming an origin that is not `scheme://host[:port]`.
+pub fn cors_layer(origins: &str) -> Result<CorsLayer, String> {
+    let layer = CorsLayer::new()
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_headers(AllowHeaders::mirror_request())
+        .expose_headers([header::LOCATION])
+        .max_age(Duration::from_secs(3600));
+    if origins.trim() == "*" {
+        return Ok(layer.allow_origin(AllowOrigin::any()));
+    }
+    let list = origins
+        .split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .map(|origin| {
+            let valid = origin.split_once("://").is_some_and(|(scheme, rest)| {
+                matches!(scheme, "http" | "https") && !rest.is_empty() && !rest.contains('/')
+            });
+            if !valid {
+                return Err(format!(
+                    "{origin:?} is not an origin like https://app.example or http://localhost:3000"
+                ));
+            }
+            HeaderValue::from_str(origin).map_err(|e| format!("{origin:?}: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if list.is_empty() {
+        return Err("give * or at least one origin".to_owned());
+    }
+    Ok(layer.allow_origin(AllowOrigin::list(list)))
+}
+
+/// Counts every request by route (the route template, never the raw path),
+/// method and status, with its latency.
+async fn record_http(State(relay): State<Arc<Relay>>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    // Only known methods become labels, so clients cannot grow the series.
+    let method = match *request.method() {
+        Method::GET
+        | Method::POST
+        | Method::PUT
+        | Method::PATCH
+        | Method::DELETE
+        | Method::HEAD
+        | Method::OPTIONS => request.method().as_str().to_owned(),
+        _ => "other".to_owned(),
+    };
+    let started = Instant::now();
+    let response = next.run(request).await;
+    relay.metrics().http_request(
+        &route,
+        &method,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {

@@ -15,11 +15,17 @@ fn page(html: &'static str) -> impl IntoResponse {
 }
 
 /// `GET /client`
+#[utoipa::path(get, path = "/client", tag = "docs", summary = "A test client page",
+    description = "Create a channel, open several clients, send and watch messages — in the browser.",
+    responses((status = 200, description = "HTML", content_type = "text/html", body = String)))]
 pub async fn client() -> impl IntoResponse {
     page(include_str!("pages/client.html"))
 }
 
 /// `GET /docs`
+#[utoipa::path(get, path = "/docs", tag = "docs", summary = "Interactive API docs",
+    description = "Renders /openapi.json with a form to try every operation.",
+    responses((status = 200, description = "HTML", content_type = "text/html", body = String)))]
 pub async fn docs() -> impl IntoResponse {
     page(include_str!("pages/docs.html"))
 }

@@ -25,10 +25,9 @@ pub fn render(config: &Config) -> Result<String, std::io::Error> {
         Some(path) => std::fs::read_to_string(path)?,
         None => BUILT_IN.to_owned(),
     };
-    let host = format!("{}:{}", config.domain, config.public_port());
     let markdown = markdown
-        .replace("{{BASE_URL}}", &format!("http://{host}"))
-        .replace("{{WS_URL}}", &format!("ws://{host}"));
+        .replace("{{BASE_URL}}", &config.public_http_url())
+        .replace("{{WS_URL}}", &config.public_ws_url());
     let parser = pulldown_cmark::Parser::new_ext(&markdown, pulldown_cmark::Options::ENABLE_TABLES);
     let mut body = String::with_capacity(markdown.len() * 2);
     pulldown_cmark::html::push_html(&mut body, parser);
@@ -58,7 +57,16 @@ fn escape(text: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// `GET /` and `GET /readme`
+/// `GET /`
+#[utoipa::path(get, path = "/", tag = "docs", summary = "The API readme",
+    responses((status = 200, description = "HTML", content_type = "text/html", body = String)))]
+pub async fn root(State(app): State<AppState>) -> Html<Bytes> {
+    Html(app.readme.clone())
+}
+
+/// `GET /readme`
+#[utoipa::path(get, path = "/readme", tag = "docs", summary = "The API readme",
+    responses((status = 200, description = "HTML", content_type = "text/html", body = String)))]
 pub async fn readme(State(app): State<AppState>) -> Html<Bytes> {
     Html(app.readme.clone())
 }

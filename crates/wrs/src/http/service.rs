@@ -1,17 +1,19 @@
 //! Service-level resources: `/service`, `/cluster`, `/healthz`, `/readyz`.
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::AppState;
-use super::channels::{ok, timestamp};
-use super::error::{ApiError, MAX_BODY_BYTES};
+use super::channels::{Envelope, ok, timestamp};
+use super::error::{ApiError, ErrorBody, MAX_BODY_BYTES};
+use crate::metrics::Totals;
+use crate::relay::Relay;
 use crate::relay::pattern::Pattern;
-use crate::relay::{Relay, Stats};
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct ServiceView {
     name: &'static str,
@@ -29,12 +31,12 @@ struct ServiceView {
     stats: StatsView,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Features {
     cluster: bool,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct Limits {
     max_message_bytes: usize,
@@ -48,7 +50,7 @@ struct Limits {
     ping_interval_ms: u64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct StatsView {
     messages_in: u64,
@@ -63,17 +65,17 @@ struct StatsView {
 }
 
 impl StatsView {
-    fn of(stats: &Stats) -> Self {
+    fn of(t: Totals) -> Self {
         Self {
-            messages_in: Stats::get(&stats.messages_in),
-            bytes_in: Stats::get(&stats.bytes_in),
-            deliveries: Stats::get(&stats.deliveries),
-            bytes_out: Stats::get(&stats.bytes_out),
-            dropped_deliveries: Stats::get(&stats.dropped),
-            slow_consumer_closes: Stats::get(&stats.slow_consumer_closes),
-            frame_errors: Stats::get(&stats.frame_errors),
-            connections_accepted: Stats::get(&stats.connections_accepted),
-            connections_rejected: Stats::get(&stats.connections_rejected),
+            messages_in: t.messages_in,
+            bytes_in: t.bytes_in,
+            deliveries: t.deliveries,
+            bytes_out: t.bytes_out,
+            dropped_deliveries: t.dropped,
+            slow_consumer_closes: t.slow_consumer_closes,
+            frame_errors: t.frame_errors,
+            connections_accepted: t.connections_accepted,
+            connections_rejected: t.connections_rejected,
         }
     }
 }
@@ -87,6 +89,9 @@ fn state_of(relay: &Relay) -> &'static str {
 }
 
 /// `GET /service`: metadata, limits and counters; never secrets.
+#[utoipa::path(get, path = "/service", tag = "service", summary = "Service metadata",
+    description = "Name, version, node id, uptime, channel and client counts, enabled features, limits and counters. Never secrets.",
+    responses((status = 200, body = Envelope<ServiceView>)))]
 pub async fn service(State(app): State<AppState>) -> impl IntoResponse {
     let relay = &app.relay;
     let settings = relay.settings();
@@ -101,7 +106,7 @@ pub async fn service(State(app): State<AppState>) -> impl IntoResponse {
             started_at: timestamp(relay.started_at()),
             uptime_ms: relay.uptime().as_millis() as u64,
             channels: relay.channel_count(),
-            clients: Stats::get(&relay.stats().connections_open),
+            clients: relay.metrics().totals().connections_open,
             patterns: Pattern::ALL.to_vec(),
             features: Features { cluster: false },
             limits: Limits {
@@ -115,25 +120,32 @@ pub async fn service(State(app): State<AppState>) -> impl IntoResponse {
                 slow_consumer_policy: settings.slow_consumer.as_str(),
                 ping_interval_ms: settings.ping_interval.as_millis() as u64,
             },
-            stats: StatsView::of(relay.stats()),
+            stats: StatsView::of(relay.metrics().totals()),
         },
     )
 }
 
+/// One node of the cluster.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeView {
+    id: String,
+    /// Host and port clients use.
+    address: String,
+    /// `ready` or `draining`.
+    state: &'static str,
+    started_at: String,
+    uptime_ms: u64,
+    channels: usize,
+    clients: u64,
+}
+
 /// `GET /cluster`: the nodes with their state and load. A standalone node
 /// is a cluster of one.
+#[utoipa::path(get, path = "/cluster", tag = "service", summary = "Nodes of the cluster",
+    description = "Each node with its state and load. A standalone node lists itself.",
+    responses((status = 200, body = Envelope<Vec<NodeView>>)))]
 pub async fn cluster(State(app): State<AppState>) -> impl IntoResponse {
-    #[derive(Serialize)]
-    #[serde(rename_all = "camelCase")]
-    struct NodeView {
-        id: String,
-        address: String,
-        state: &'static str,
-        started_at: String,
-        uptime_ms: u64,
-        channels: usize,
-        clients: u64,
-    }
     let relay = &app.relay;
     let node = NodeView {
         id: relay.settings().node_id.clone(),
@@ -142,22 +154,29 @@ pub async fn cluster(State(app): State<AppState>) -> impl IntoResponse {
         started_at: timestamp(relay.started_at()),
         uptime_ms: relay.uptime().as_millis() as u64,
         channels: relay.channel_count(),
-        clients: Stats::get(&relay.stats().connections_open),
+        clients: relay.metrics().totals().connections_open,
     };
     ok("1 node (standalone)", vec![node])
 }
 
-#[derive(Serialize)]
-struct Status {
+/// A probe's answer.
+#[derive(Serialize, ToSchema)]
+pub struct Status {
+    /// `ok` or `ready`.
     status: &'static str,
 }
 
 /// `GET /healthz`: the process is alive and serving HTTP.
+#[utoipa::path(get, path = "/healthz", tag = "service", summary = "Liveness",
+    responses((status = 200, body = Envelope<Status>)))]
 pub async fn healthz() -> impl IntoResponse {
     ok("alive", Status { status: "ok" })
 }
 
 /// `GET /readyz`: 503 while draining.
+#[utoipa::path(get, path = "/readyz", tag = "service", summary = "Readiness",
+    description = "503 while the node drains (shutting down) and accepts no new connections.",
+    responses((status = 200, body = Envelope<Status>), (status = 503, body = ErrorBody)))]
 pub async fn readyz(State(app): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     if app.relay.is_draining() {
         return Err(ApiError::new(
@@ -167,4 +186,22 @@ pub async fn readyz(State(app): State<AppState>) -> Result<impl IntoResponse, Ap
         ));
     }
     Ok(ok("ready", Status { status: "ready" }))
+}
+
+/// `GET /metrics`: Prometheus text (OpenMetrics).
+#[utoipa::path(get, path = "/metrics", tag = "service", summary = "Prometheus metrics",
+    description = "Connections and channels open, messages and bytes in and out by pattern, dropped deliveries, slow-consumer closes, connect rejections by reason, HTTP requests by route and status with latency histograms.",
+    responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String)))]
+pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
+    app.relay
+        .metrics()
+        .channels_open
+        .set(app.relay.channel_count() as i64);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.relay.metrics().encode(),
+    )
 }

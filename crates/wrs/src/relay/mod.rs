@@ -11,7 +11,7 @@ pub mod registry;
 pub mod subprotocol;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::backplane::{Backplane, local::LocalBackplane};
+use crate::metrics::Metrics;
 use channel::{Channel, ChannelSpec, JoinError, Reservation};
 use client::{Client, CloseReason, PushError, QueueLimits};
 use ids::{ChannelId, ClientId};
@@ -100,42 +101,6 @@ impl Message {
     }
 }
 
-/// Counters of the relay's work since start. Updated with relaxed atomics
-/// once per message (not per delivery).
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub messages_in: AtomicU64,
-    pub bytes_in: AtomicU64,
-    pub deliveries: AtomicU64,
-    pub bytes_out: AtomicU64,
-    /// Deliveries not made because a receiver's outbox was full.
-    pub dropped: AtomicU64,
-    pub slow_consumer_closes: AtomicU64,
-    /// Sub-protocol frames answered with an error frame.
-    pub frame_errors: AtomicU64,
-    pub connections_accepted: AtomicU64,
-    pub connections_rejected: AtomicU64,
-    pub connections_open: AtomicU64,
-}
-
-impl Stats {
-    fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-
-    pub(crate) fn incr(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub(crate) fn decr(counter: &AtomicU64) {
-        counter.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
-    }
-}
-
 /// Why a connection attempt is refused before the upgrade.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ConnectError {
@@ -166,7 +131,7 @@ pub struct Relay {
     started_at: SystemTime,
     registry: Registry,
     backplane: Box<dyn Backplane>,
-    stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
     draining: AtomicBool,
     /// Parent of every channel's token; cancelled when the relay stops.
     root: CancellationToken,
@@ -178,9 +143,9 @@ pub struct Relay {
 
 impl Relay {
     pub fn new(settings: RelaySettings) -> Arc<Self> {
-        let stats = Arc::new(Stats::default());
+        let metrics = Arc::new(Metrics::new());
         let backplane = Box::new(LocalBackplane::new(
-            Arc::clone(&stats),
+            Arc::clone(&metrics),
             settings.slow_consumer,
         ));
         Arc::new(Self {
@@ -193,7 +158,7 @@ impl Relay {
             clock: Clock::new(),
             started_at: SystemTime::now(),
             backplane,
-            stats,
+            metrics,
             draining: AtomicBool::new(false),
             root: CancellationToken::new(),
             background: TaskTracker::new(),
@@ -205,8 +170,8 @@ impl Relay {
         &self.settings
     }
 
-    pub fn stats(&self) -> &Stats {
-        &self.stats
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn started_at(&self) -> SystemTime {
@@ -241,6 +206,7 @@ impl Relay {
         let channel = self
             .registry
             .create(spec, self.clock, self.root.child_token())?;
+        self.metrics.channels_open.inc();
         if spec.timeout.is_some() {
             self.background
                 .spawn(expire_when_idle(Arc::clone(self), Arc::clone(&channel)));
@@ -268,6 +234,7 @@ impl Relay {
     pub fn delete_channel(&self, id: &ChannelId) -> Option<Arc<Channel>> {
         let channel = self.registry.remove(id)?;
         let clients = channel.close(CloseReason::ChannelDeleted);
+        self.closed(CloseReason::ChannelDeleted);
         info!(channel = %id, clients, "channel deleted");
         Some(channel)
     }
@@ -279,6 +246,7 @@ impl Relay {
         for channel in self.registry.list() {
             if self.registry.remove_exact(&channel) {
                 clients += channel.close(CloseReason::ChannelDeleted);
+                self.closed(CloseReason::ChannelDeleted);
                 deleted += 1;
             }
         }
@@ -334,27 +302,36 @@ impl Relay {
         sender: ClientId,
         message: Message,
     ) -> Result<(), FrameError> {
-        let size = message.payload().len() as u64;
-        Stats::add(&self.stats.messages_in, 1);
-        Stats::add(&self.stats.bytes_in, size);
+        let pattern = channel.pattern();
+        self.metrics
+            .message_in(pattern, message.payload().len() as u64);
         match self.backplane.relay(channel, sender, message) {
             Ok(delivered) => {
                 channel.touch();
-                Stats::add(&self.stats.deliveries, delivered.frames);
-                Stats::add(&self.stats.bytes_out, delivered.bytes);
+                self.metrics
+                    .delivered(pattern, delivered.frames, delivered.bytes);
                 Ok(())
             }
             Err(error) => {
-                Stats::add(&self.stats.frame_errors, 1);
+                self.metrics.frame_error(pattern);
                 Err(error)
             }
         }
     }
 
+    /// Counts a channel that ended.
+    fn closed(&self, reason: CloseReason) {
+        self.metrics.channels_open.dec();
+        self.metrics.channel_closed(match reason {
+            CloseReason::ChannelTimedOut => "timed_out",
+            _ => "deleted",
+        });
+    }
+
     /// Queues a frame for one client, applying the slow-consumer policy.
     pub fn offer(&self, channel: &ChannelId, client: &Client, frame: Bytes) -> bool {
         offer(
-            &self.stats,
+            &self.metrics,
             self.settings.slow_consumer,
             channel,
             client,
@@ -396,7 +373,7 @@ impl Relay {
 /// Queues `frame` for `client`; on a full outbox applies `policy`. Returns
 /// whether the frame was queued.
 pub(crate) fn offer(
-    stats: &Stats,
+    metrics: &Metrics,
     policy: SlowConsumerPolicy,
     channel: &ChannelId,
     client: &Client,
@@ -406,10 +383,10 @@ pub(crate) fn offer(
         Ok(()) => true,
         Err(PushError::Closed) => false,
         Err(PushError::Full) => {
-            Stats::add(&stats.dropped, 1);
+            metrics.dropped.inc();
             if policy == SlowConsumerPolicy::Close && client.outbox.close(CloseReason::SlowConsumer)
             {
-                Stats::add(&stats.slow_consumer_closes, 1);
+                metrics.slow_consumer_closes.inc();
                 warn!(channel = %channel, client = %client.id(), "outbox full: closing slow consumer with 1008");
             }
             false
@@ -432,6 +409,7 @@ async fn expire_when_idle(relay: Arc<Relay>, channel: Arc<Channel>) {
         {
             if relay.registry.remove_exact(&channel) {
                 let clients = channel.close(CloseReason::ChannelTimedOut);
+                relay.closed(CloseReason::ChannelTimedOut);
                 info!(channel = %channel.id(), clients, "channel timed out");
             }
             return;

@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::ids::ClientId;
 
 /// A channel's messaging pattern (SPEC §3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
 pub enum Pattern {
     Echo,
     PubSub,
@@ -55,12 +56,6 @@ impl Pattern {
 impl fmt::Display for Pattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
-    }
-}
-
-impl serde::Serialize for Pattern {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(self.as_str())
     }
 }
 
@@ -219,6 +214,8 @@ mod tests {
     fn pattern_names_round_trip() {
         for pattern in Pattern::ALL {
             assert_eq!(Pattern::parse(pattern.as_str()), Some(pattern));
+            // The JSON name is the API name.
+            assert_eq!(serde_json::to_value(pattern).unwrap(), pattern.as_str());
         }
         assert_eq!(Pattern::parse("pubsub"), None);
         assert_eq!(Pattern::parse("PUB-SUB"), None);

@@ -31,7 +31,7 @@ use tracing::debug;
 use crate::relay::channel::{Channel, Reservation};
 use crate::relay::client::{Client, CloseReason};
 use crate::relay::ids::ClientId;
-use crate::relay::{Message, Relay, Stats};
+use crate::relay::{Message, Relay};
 use codec::{Decoder, Event, OpCode, ProtocolError, close_code};
 
 /// Buffer reserved for a read when no larger frame is pending.
@@ -47,7 +47,7 @@ pub(crate) async fn serve(upgraded: Upgraded, reservation: Reservation, relay: A
     let limits = relay.settings().queue;
     let (client, admitted) = match reservation.admit(limits) {
         Ok((_, client)) => {
-            Stats::incr(&relay.stats().connections_open);
+            relay.metrics().connections_open.inc();
             // Draining began while this upgrade ran: it missed the sweep.
             if relay.is_draining() {
                 client.outbox.close(CloseReason::ServerShutdown);
@@ -85,7 +85,7 @@ pub(crate) async fn serve(upgraded: Upgraded, reservation: Reservation, relay: A
     };
     if admitted {
         channel.leave(client.id());
-        Stats::decr(&relay.stats().connections_open);
+        relay.metrics().connections_open.dec();
     }
     debug!(channel = %channel.id(), client = %client.id(), ending = %ending, "client disconnected");
 }

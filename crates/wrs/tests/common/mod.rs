@@ -45,6 +45,13 @@ where
     .await
 }
 
+/// An HTTP client. Tests use rustls with the ring provider (as the server
+/// does), installed once per process.
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
 pub struct TestServer {
     server: Option<wrs::Server>,
     pub addr: SocketAddr,
@@ -70,7 +77,7 @@ impl TestServer {
         Self {
             addr: server.local_addr(),
             server: Some(server),
-            http: reqwest::Client::new(),
+            http: http_client(),
         }
     }
 
