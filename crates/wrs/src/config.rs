@@ -195,7 +195,9 @@ impl Config {
         if config.log.is_none() {
             config.log = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
         }
-        config.validate().map_err(ConfigError::Invalid)?;
+        config
+            .validate()
+            .map_err(|reason| ConfigError::Invalid(flatten(&reason)))?;
         Ok(config)
     }
 
@@ -345,6 +347,16 @@ fn default_node_id() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "wrs".to_owned());
     format!("{host}-{:04x}", rand::random::<u16>())
+}
+
+/// Joins a multi-line message (regex errors, for one) into one line.
+fn flatten(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Turns clap's multi-line error into one line that names the environment

@@ -262,6 +262,10 @@ async fn invalid_configuration_exits_with_one_line_naming_the_variable() {
         ("WRS_BIND_ADDRESS", "localhost:80"),
         ("WRS_CLIENT_QUEUE_BYTES", "100"),
         ("WRS_LOG", "wrs=shouty"),
+        ("WRS_AUTH", "true"),
+        ("WRS_AUTH_RESOURCES", "GET:/channels("),
+        ("WRS_SSL", "true"),
+        ("WRS_CORS_ORIGINS", "ftp://files.example"),
     ] {
         let (code, stdout, stderr) = run_to_end(&[], &[(var, value)]).await;
         assert_eq!(code, 2, "{var}={value}: {stderr}");
@@ -298,6 +302,22 @@ async fn startup_failures_exit_non_zero_with_a_reason() {
     assert_eq!(code, 1);
     assert!(
         stderr.contains("cannot read the readme at /nonexistent/readme.md"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run_to_end(
+        &[],
+        &[
+            ("WRS_API_PORT", "0"),
+            ("WRS_SSL", "true"),
+            ("WRS_SSL_CERT_PATH", "/nonexistent/cert.pem"),
+            ("WRS_SSL_KEY_PATH", "/nonexistent/key.pem"),
+        ],
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("TLS: cannot read the certificate /nonexistent/cert.pem"),
         "{stderr}"
     );
 }
