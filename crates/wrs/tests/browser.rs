@@ -415,3 +415,78 @@ async fn docs_page_lists_every_operation_and_sends_requests() {
     browser.close().await;
     server.shutdown().await;
 }
+
+/// CORS from a real browser: a page served by another origin (a second
+/// server, another port) calls the API with a JSON body and an
+/// `Authorization` header, which needs a preflight. A server that does not
+/// allow that origin is blocked by the browser before the POST is sent.
+#[tokio::test]
+async fn a_page_on_another_origin_calls_the_api_through_a_preflight() {
+    let api = TestServer::with(|c| {
+        c.auth = true;
+        c.auth_token = Some(wrs::config::Secret::new("cross-origin-token"));
+        c.auth_resources = "POST:/channels".to_owned();
+    })
+    .await;
+    let strict =
+        TestServer::with(|c| c.cors_origins = "https://elsewhere.example".to_owned()).await;
+    let page = TestServer::start().await;
+    let browser = Browser::start().await;
+    browser.goto(&page.url("/readme")).await;
+    let script = "const [url, token] = arguments;
+        return fetch(url, {
+            method: 'POST',
+            headers: {'Content-Type': 'application/json', 'Authorization': 'Bearer ' + token},
+            body: JSON.stringify({pattern: 'echo'})
+        }).then(async r => ({status: r.status, location: r.headers.get('location'), body: await r.json()}))
+          .catch(e => ({error: String(e)}));";
+    let allowed = browser
+        .execute(
+            script,
+            vec![
+                Value::from(api.url("/channels")),
+                Value::from("cross-origin-token"),
+            ],
+        )
+        .await;
+    assert_eq!(allowed["status"], 201, "{allowed}");
+    let id = allowed["body"]["data"]["id"].as_str().unwrap();
+    assert_eq!(
+        allowed["location"],
+        format!("/channels/{id}"),
+        "Location is exposed"
+    );
+    assert_eq!(
+        api.client_count(id).await,
+        Some(0),
+        "the channel exists on the API server"
+    );
+    // The API token still applies cross-origin.
+    let wrong = browser
+        .execute(
+            script,
+            vec![Value::from(api.url("/channels")), Value::from("nope")],
+        )
+        .await;
+    assert_eq!(wrong["status"], 401, "{wrong}");
+    assert_eq!(wrong["body"]["error"], "invalid_auth");
+    // Not an allowed origin: the browser refuses before sending the POST.
+    let blocked = browser
+        .execute(
+            script,
+            vec![Value::from(strict.url("/channels")), Value::from("x")],
+        )
+        .await;
+    assert!(
+        blocked["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Failed to fetch")),
+        "{blocked}"
+    );
+    let (status, list) = strict.get("/channels").await;
+    assert_eq!(
+        (status, list["data"].as_array().map(Vec::len)),
+        (StatusCode::OK, Some(0))
+    );
+    browser.close().await;
+}
