@@ -155,3 +155,18 @@ async fn schemas_describe_the_real_bodies() {
         format!("http://127.0.0.1:{}", server.addr.port())
     );
 }
+
+#[tokio::test]
+async fn the_built_in_readme_documents_every_path() {
+    let server = TestServer::with(|c| c.browser_only = true).await;
+    let readme = server.http.get(server.url("/readme")).send().await.unwrap().text().await.unwrap();
+    for (method, path) in documented(&server).await {
+        // The singular aliases are documented as one sentence.
+        if path.starts_with("/channel/") || path == "/channel" {
+            continue;
+        }
+        let shown = format!("{method} {path}");
+        assert!(readme.contains(&shown), "the readme does not document {shown}");
+    }
+    assert!(readme.contains("/channel/"), "the aliases are mentioned");
+}
