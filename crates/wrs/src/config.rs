@@ -143,6 +143,58 @@ pub struct Config {
     #[arg(long, env = "WRS_CORS_ORIGINS", default_value = "*")]
     pub cors_origins: String,
 
+    /// NATS server URLs, comma-separated; setting it turns on cluster mode
+    /// (e.g. nats://10.0.0.5:4222,nats://10.0.0.6:4222) [default: standalone].
+    #[arg(long, env = "WRS_NATS_URL")]
+    pub nats_url: Option<String>,
+
+    /// Cluster name: prefix of NATS subjects and key-value buckets, so several clusters can share one NATS.
+    #[arg(long = "cluster", env = "WRS_CLUSTER", default_value = "wrs", value_parser = parse_cluster_name)]
+    pub cluster: String,
+
+    /// NATS credentials file (JWT and NKey seed).
+    #[arg(long, env = "WRS_NATS_CREDS")]
+    pub nats_creds: Option<std::path::PathBuf>,
+
+    /// NATS token.
+    #[arg(long, env = "WRS_NATS_TOKEN", value_parser = parse_secret, hide_env_values = true)]
+    pub nats_token: Option<Secret>,
+
+    /// NATS user name (with WRS_NATS_PASSWORD).
+    #[arg(long, env = "WRS_NATS_USER")]
+    pub nats_user: Option<String>,
+
+    /// NATS password.
+    #[arg(long, env = "WRS_NATS_PASSWORD", value_parser = parse_secret, hide_env_values = true)]
+    pub nats_password: Option<Secret>,
+
+    /// PEM CA certificate to verify NATS servers with; turns on TLS to NATS.
+    #[arg(long, env = "WRS_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<std::path::PathBuf>,
+
+    /// PEM client certificate for NATS (with WRS_NATS_TLS_KEY).
+    #[arg(long, env = "WRS_NATS_TLS_CERT")]
+    pub nats_tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM client key for NATS.
+    #[arg(long, env = "WRS_NATS_TLS_KEY")]
+    pub nats_tls_key: Option<std::path::PathBuf>,
+
+    /// Replicas of the cluster's key-value buckets (up to the number of JetStream servers, 1-5).
+    #[arg(long, env = "WRS_NATS_KV_REPLICAS", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_kv_replicas: u8,
+
+    /// Heartbeat interval of cluster nodes, in ms; a node silent for three intervals is gone (100-60000).
+    #[arg(long, env = "WRS_CLUSTER_HEARTBEAT_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub cluster_heartbeat_ms: u64,
+
+    /// How long to keep trying to reach NATS at start, in ms (0-600000).
+    #[arg(long, env = "WRS_NATS_CONNECT_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub nats_connect_timeout_ms: u64,
+
     /// Markdown file served as HTML at / and /readme [default: the built-in API readme].
     #[arg(long, env = "WRS_README_PATH")]
     pub readme_path: Option<std::path::PathBuf>,
@@ -224,6 +276,19 @@ impl Config {
                 "WRS_SSL=true needs WRS_SSL_CERT_PATH and WRS_SSL_KEY_PATH (PEM files)".to_owned(),
             );
         }
+        if self.nats_user.is_some() != self.nats_password.is_some() {
+            return Err("WRS_NATS_USER and WRS_NATS_PASSWORD go together".to_owned());
+        }
+        if self.nats_tls_cert.is_some() != self.nats_tls_key.is_some() {
+            return Err("WRS_NATS_TLS_CERT and WRS_NATS_TLS_KEY go together".to_owned());
+        }
+        if self
+            .nats_url
+            .as_deref()
+            .is_some_and(|u| u.trim().is_empty())
+        {
+            return Err("WRS_NATS_URL is empty; unset it for standalone mode".to_owned());
+        }
         crate::http::cors_layer(&self.cors_origins)
             .map(drop)
             .map_err(|e| format!("WRS_CORS_ORIGINS: {e}"))?;
@@ -270,6 +335,27 @@ impl Config {
 
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
+    }
+
+    /// How to join the cluster, when `WRS_NATS_URL` is set.
+    pub fn cluster_settings(&self, node_id: &str) -> Option<crate::cluster::ClusterSettings> {
+        let urls = self.nats_url.clone()?;
+        Some(crate::cluster::ClusterSettings {
+            urls,
+            prefix: self.cluster.clone(),
+            node_id: node_id.to_owned(),
+            address: format!("{}:{}", self.domain, self.public_port()),
+            credentials: self.nats_creds.clone(),
+            token: self.nats_token.clone(),
+            user: self.nats_user.clone(),
+            password: self.nats_password.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            tls_cert: self.nats_tls_cert.clone(),
+            tls_key: self.nats_tls_key.clone(),
+            kv_replicas: usize::from(self.nats_kv_replicas),
+            heartbeat: Duration::from_millis(self.cluster_heartbeat_ms),
+            connect_timeout: Duration::from_millis(self.nats_connect_timeout_ms),
+        })
     }
 
     /// The relay's settings, resolving the node id default.
@@ -319,17 +405,28 @@ fn parse_secret(text: &str) -> Result<Secret, String> {
     }
 }
 
-/// Node ids appear in URLs and logs: keep them short and plain.
+/// Node ids appear in URLs, logs, NATS subjects and keys: keep them plain.
 fn parse_node_id(text: &str) -> Result<String, String> {
+    plain_name(text, 64)
+}
+
+/// Cluster names prefix NATS subjects and bucket names.
+fn parse_cluster_name(text: &str) -> Result<String, String> {
+    plain_name(text, 32)
+}
+
+fn plain_name(text: &str, max: usize) -> Result<String, String> {
     let ok = !text.is_empty()
-        && text.len() <= 64
+        && text.len() <= max
         && text
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b));
     if ok {
         Ok(text.to_owned())
     } else {
-        Err("use 1-64 characters from A-Z, a-z, 0-9, '-', '_' and '.'".to_owned())
+        Err(format!(
+            "use 1-{max} characters from A-Z, a-z, 0-9, '-' and '_'"
+        ))
     }
 }
 
@@ -482,6 +579,34 @@ mod tests {
         assert_eq!(c.public_ws_url(), "wss://127.0.0.1:443");
         let c = Config::load_from(["wrs"]).unwrap();
         assert_eq!(c.public_http_url(), "http://127.0.0.1:8080");
+    }
+
+    #[test]
+    fn cluster_settings_follow_the_nats_variables() {
+        let c = Config::load_from(["wrs"]).unwrap();
+        assert!(c.cluster_settings("n1").is_none(), "standalone by default");
+        let c = Config::load_from([
+            "wrs",
+            "--nats-url",
+            "nats://a:4222,nats://b:4222",
+            "--cluster",
+            "game-1",
+            "--nats-kv-replicas",
+            "3",
+        ])
+        .unwrap();
+        let s = c.cluster_settings("n1").unwrap();
+        assert_eq!(
+            (s.urls.as_str(), s.prefix.as_str(), s.kv_replicas),
+            ("nats://a:4222,nats://b:4222", "game-1", 3)
+        );
+        assert!(invalid(&["wrs", "--cluster", "a.b"]).contains("WRS_CLUSTER"));
+        assert!(invalid(&["wrs", "--nats-user", "u"]).contains("WRS_NATS_PASSWORD"));
+        assert!(invalid(&["wrs", "--nats-tls-cert", "c.pem"]).contains("WRS_NATS_TLS_KEY"));
+        assert!(invalid(&["wrs", "--nats-kv-replicas", "7"]).contains("WRS_NATS_KV_REPLICAS"));
+        assert!(invalid(&["wrs", "--node-id", "a.b"]).contains("WRS_NODE_ID"));
+        let c = Config::load_from(["wrs", "--nats-token", "nats-secret"]).unwrap();
+        assert!(!format!("{c:?}").contains("nats-secret"));
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! ```
 
 pub mod backplane;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod listen;
@@ -46,6 +47,10 @@ pub enum StartError {
     },
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
+    #[error("cannot subscribe to this node's NATS subject: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
     #[error("cannot listen on {address}: {source}")]
     Bind {
         address: SocketAddr,
@@ -75,20 +80,44 @@ pub async fn start(mut config: Config) -> Result<Server, StartError> {
         (true, Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
         _ => None,
     };
+    // Join the cluster before taking the port: a node that cannot reach
+    // NATS refuses connections instead of accepting and dropping them.
+    let settings = config.relay_settings();
+    let relay = match config.cluster_settings(&settings.node_id) {
+        None => Relay::new(settings),
+        Some(cluster_settings) => {
+            let metrics = Arc::new(metrics::Metrics::new(true));
+            let cluster = cluster::Cluster::connect(&cluster_settings, metrics).await?;
+            let relay = Relay::clustered(settings, Arc::clone(&cluster));
+            cluster::sync::start(&relay, &cluster).await?;
+            relay
+        }
+    };
     let address = SocketAddr::new(config.bind_address, config.api_port);
-    let listener = TcpListener::bind(address)
-        .await
-        .map_err(|source| StartError::Bind { address, source })?;
-    let local_addr = listener
-        .local_addr()
-        .map_err(|source| StartError::Bind { address, source })?;
+    let bound = match TcpListener::bind(address).await {
+        Ok(listener) => listener.local_addr().map(|local| (listener, local)),
+        Err(error) => Err(error),
+    };
+    let (listener, local_addr) = match bound {
+        Ok(bound) => bound,
+        Err(source) => {
+            // Leave the cluster again before giving up.
+            relay.begin_drain();
+            relay
+                .stop(tokio::time::Instant::now() + std::time::Duration::from_secs(2))
+                .await;
+            return Err(StartError::Bind { address, source });
+        }
+    };
     // With port 0 the system picked one: links and metadata show the real one.
     config.api_port = local_addr.port();
+    if let Some(cluster) = relay.cluster() {
+        cluster.set_address(format!("{}:{}", config.domain, config.public_port()));
+    }
     let readme = http::readme::render(&config).map_err(|source| StartError::Readme {
         path: config.readme_path.clone().unwrap_or_default(),
         source,
     })?;
-    let relay = Relay::new(config.relay_settings());
     let shutdown_timeout = config.shutdown_timeout();
     let app = http::router(AppState {
         relay: Arc::clone(&relay),

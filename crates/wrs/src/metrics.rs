@@ -82,6 +82,22 @@ pub struct Metrics {
     channels_closed: Family<ReasonLabels, Counter>,
     http_requests: Family<HttpLabels, Counter>,
     http_duration: Family<RouteLabels, Histogram, LatencyBuckets>,
+    /// Cluster mode only (registered when clustered).
+    pub cluster: ClusterMetrics,
+}
+
+/// The cluster transport's counters.
+#[derive(Debug, Default)]
+pub struct ClusterMetrics {
+    /// Messages handed to NATS: one per broadcast to interested nodes, one
+    /// per message for a client on another node.
+    pub published: Counter,
+    /// Messages that arrived from other nodes.
+    pub received: Counter,
+    /// Messages not published (the bounded queue was full, or NATS refused).
+    pub dropped: Counter,
+    /// 1 while connected to NATS.
+    pub connected: Gauge,
 }
 
 fn per_pattern(registry: &mut Registry, name: &str, help: &str) -> PerPattern {
@@ -97,7 +113,9 @@ fn per_pattern(registry: &mut Registry, name: &str, help: &str) -> PerPattern {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    /// The registry of a standalone node, or of a cluster node (which adds
+    /// the `wrs_cluster_*` metrics).
+    pub fn new(clustered: bool) -> Self {
         let mut registry = Registry::with_prefix("wrs");
         let messages_in = per_pattern(
             &mut registry,
@@ -179,8 +197,32 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             http_duration.clone(),
         );
+        let cluster = ClusterMetrics::default();
+        if clustered {
+            registry.register(
+                "cluster_messages_published",
+                "Messages published to NATS (one per interested node, or per remote target)",
+                cluster.published.clone(),
+            );
+            registry.register(
+                "cluster_messages_received",
+                "Messages received from other nodes through NATS",
+                cluster.received.clone(),
+            );
+            registry.register(
+                "cluster_messages_dropped",
+                "Messages not published: the bounded NATS queue was full or NATS refused them",
+                cluster.dropped.clone(),
+            );
+            registry.register(
+                "cluster_nats_connected",
+                "1 while connected to NATS",
+                cluster.connected.clone(),
+            );
+        }
         Self {
             registry,
+            cluster,
             messages_in,
             bytes_in,
             messages_out,
@@ -274,7 +316,7 @@ impl Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(false)
     }
 }
 
@@ -299,7 +341,7 @@ mod tests {
 
     #[test]
     fn counts_by_pattern_and_totals() {
-        let m = Metrics::new();
+        let m = Metrics::new(false);
         m.message_in(Pattern::PubSub, 10);
         m.message_in(Pattern::Echo, 3);
         m.delivered(Pattern::PubSub, 4, 40);
@@ -320,11 +362,22 @@ mod tests {
         assert!(text.contains(r#"wrs_messages_out_total{pattern="pub-sub"} 4"#));
         assert!(text.contains(r#"wrs_connect_rejections_total{reason="invalid_token"} 2"#));
         assert!(text.ends_with("# EOF\n"));
+        assert!(
+            !text.contains("wrs_cluster_"),
+            "cluster metrics only in cluster mode"
+        );
+        let clustered = Metrics::new(true);
+        clustered.cluster.published.inc();
+        assert!(
+            clustered
+                .encode()
+                .contains("wrs_cluster_messages_published_total 1")
+        );
     }
 
     #[test]
     fn http_latency_is_a_histogram() {
-        let m = Metrics::new();
+        let m = Metrics::new(false);
         m.http_request("/channels", "POST", 201, Duration::from_millis(3));
         let text = m.encode();
         assert!(

@@ -88,6 +88,10 @@ async fn every_documented_operation_answers_and_every_route_is_documented() {
             if path.ends_with("/connect") {
                 // A plain GET to the upgrade route is answered with 426.
                 assert_eq!(status, StatusCode::UPGRADE_REQUIRED, "{body}");
+            } else if path == "/cluster/{nodeId}" {
+                // A standalone node has no other node to evict.
+                assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+                assert!(body.contains("node_not_found"), "{body}");
             } else {
                 assert!(status.is_success(), "{method} {path}: {status} {body}");
             }
@@ -159,14 +163,25 @@ async fn schemas_describe_the_real_bodies() {
 #[tokio::test]
 async fn the_built_in_readme_documents_every_path() {
     let server = TestServer::with(|c| c.browser_only = true).await;
-    let readme = server.http.get(server.url("/readme")).send().await.unwrap().text().await.unwrap();
+    let readme = server
+        .http
+        .get(server.url("/readme"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for (method, path) in documented(&server).await {
         // The singular aliases are documented as one sentence.
         if path.starts_with("/channel/") || path == "/channel" {
             continue;
         }
         let shown = format!("{method} {path}");
-        assert!(readme.contains(&shown), "the readme does not document {shown}");
+        assert!(
+            readme.contains(&shown),
+            "the readme does not document {shown}"
+        );
     }
     assert!(readme.contains("/channel/"), "the aliases are mentioned");
 }

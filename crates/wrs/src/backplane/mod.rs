@@ -7,6 +7,7 @@
 //! patterns, connections and HTTP stay untouched when it plugs in.
 
 pub mod local;
+pub mod nats;
 
 use std::fmt::Debug;
 

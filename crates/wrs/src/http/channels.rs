@@ -16,6 +16,7 @@ use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
+use crate::relay::Relay;
 use crate::relay::channel::{Channel, ChannelSpec};
 use crate::relay::ids::{ChannelId, ClientId};
 use crate::relay::pattern::Pattern;
@@ -99,6 +100,9 @@ pub struct CreateChannel {
 pub struct ClientView {
     #[schema(value_type = String, example = "3F2A-91C0-7B44")]
     id: ClientId,
+    /// The node it is connected to (in a cluster).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<String>,
     #[schema(example = "2026-11-22T09:31:00.004Z")]
     connected_at: String,
 }
@@ -111,7 +115,8 @@ pub struct Deleted {
 }
 
 impl ChannelView {
-    pub fn of(channel: &Channel) -> Self {
+    /// The view of a channel; `clients` counts the whole cluster.
+    pub fn of(relay: &Relay, channel: &Channel) -> Self {
         let spec = channel.spec();
         Self {
             id: channel.id().to_string(),
@@ -119,7 +124,7 @@ impl ChannelView {
             timeout: spec.timeout.map_or(-1, |t| t.as_millis() as i64),
             countdown: channel.countdown_ms().map_or(-1, |c| c as i64),
             client_limit: spec.client_limit.map_or(-1, i64::from),
-            clients: channel.client_count(),
+            clients: relay.client_count(channel),
             created_at: timestamp(channel.created_at()),
         }
     }
@@ -153,7 +158,7 @@ pub async fn list(State(app): State<AppState>) -> impl IntoResponse {
         .relay
         .channels()
         .iter()
-        .map(|c| ChannelView::of(c))
+        .map(|c| ChannelView::of(&app.relay, c))
         .collect();
     ok(format!("{} channel(s)", channels.len()), channels)
 }
@@ -172,17 +177,17 @@ pub async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let spec = spec_from_fields(&parse_body(&body?)?)?;
-    created(&app, spec)
+    created(&app, spec).await
 }
 
 /// Creates the channel and answers 201 with its token.
-fn created(app: &AppState, spec: ChannelSpec) -> Result<Response, ApiError> {
-    let channel = app.relay.create_channel(spec)?;
+async fn created(app: &AppState, spec: ChannelSpec) -> Result<Response, ApiError> {
+    let (channel, token) = app.relay.create_channel(spec).await?;
     let location = format!("/channels/{}", channel.id());
     let body = Created {
         message: format!("channel {} created", channel.id()),
-        token: channel.token().reveal().to_owned(),
-        data: ChannelView::of(&channel),
+        token: token.reveal().to_owned(),
+        data: ChannelView::of(&app.relay, &channel),
     };
     Ok((
         StatusCode::CREATED,
@@ -202,9 +207,13 @@ pub async fn show(
 ) -> Result<impl IntoResponse, ApiError> {
     let channel = app
         .relay
-        .channel(&id)
+        .lookup(&id)
+        .await?
         .ok_or_else(|| ApiError::channel_not_found(id.as_str()))?;
-    Ok(ok(format!("channel {id}"), ChannelView::of(&channel)))
+    Ok(ok(
+        format!("channel {id}"),
+        ChannelView::of(&app.relay, &channel),
+    ))
 }
 
 /// `DELETE /channels/{id}`: its clients are closed with 4001.
@@ -216,17 +225,18 @@ pub async fn remove(
     State(app): State<AppState>,
     ChannelPath(id): ChannelPath,
 ) -> Result<impl IntoResponse, ApiError> {
-    deleted(&app, &id)
+    deleted(&app, &id).await
 }
 
-fn deleted(app: &AppState, id: &ChannelId) -> Result<Json<Envelope<ChannelView>>, ApiError> {
+async fn deleted(app: &AppState, id: &ChannelId) -> Result<Json<Envelope<ChannelView>>, ApiError> {
     let channel = app
         .relay
         .delete_channel(id)
+        .await?
         .ok_or_else(|| ApiError::channel_not_found(id.as_str()))?;
     Ok(ok(
         format!("channel {id} deleted"),
-        ChannelView::of(&channel),
+        ChannelView::of(&app.relay, &channel),
     ))
 }
 
@@ -241,13 +251,16 @@ pub async fn clients(
 ) -> Result<impl IntoResponse, ApiError> {
     let channel = app
         .relay
-        .channel(&id)
+        .lookup(&id)
+        .await?
         .ok_or_else(|| ApiError::channel_not_found(id.as_str()))?;
-    let clients: Vec<_> = channel
-        .clients()
+    let clients: Vec<_> = app
+        .relay
+        .clients(&channel)
         .into_iter()
-        .map(|(id, at)| ClientView {
+        .map(|(id, node, at)| ClientView {
             id,
+            node,
             connected_at: timestamp(at),
         })
         .collect();
@@ -260,9 +273,12 @@ pub async fn clients(
 /// `DELETE /reset`: deletes every channel.
 #[utoipa::path(delete, path = "/reset", tag = "service", summary = "Delete all channels",
     responses((status = 200, body = Envelope<Deleted>)))]
-pub async fn reset(State(app): State<AppState>) -> impl IntoResponse {
-    let deleted = app.relay.reset();
-    ok(format!("{deleted} channel(s) deleted"), Deleted { deleted })
+pub async fn reset(State(app): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let deleted = app.relay.reset().await?;
+    Ok(ok(
+        format!("{deleted} channel(s) deleted"),
+        Deleted { deleted },
+    ))
 }
 
 /// `GET /channels/create?pattern=...` (browser-only mode)
@@ -279,7 +295,7 @@ pub async fn create_via_get(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let spec = spec_from_fields(&query_fields(query.as_deref().unwrap_or(""))?)?;
-    created(&app, spec)
+    created(&app, spec).await
 }
 
 /// `GET /channels/{id}/delete` (browser-only mode)
@@ -291,7 +307,7 @@ pub async fn delete_via_get(
     State(app): State<AppState>,
     ChannelPath(id): ChannelPath,
 ) -> Result<impl IntoResponse, ApiError> {
-    deleted(&app, &id)
+    deleted(&app, &id).await
 }
 
 /// Turns a query string into create fields: numbers and booleans where

@@ -43,7 +43,7 @@ pub async fn connect(
     let channel = path
         .as_ref()
         .map_or_else(|_| "-".to_owned(), |p| p.0.to_string());
-    match upgrade(&app, path, query, &mut request) {
+    match upgrade(&app, path, query, &mut request).await {
         Ok(response) => {
             app.relay.metrics().connections_accepted.inc();
             response
@@ -69,7 +69,7 @@ pub async fn connect(
 /// Runs the checks in the documented order (draining 503, unknown channel
 /// 404, token 401, handshake 426/400, full 409), then answers 101 and
 /// hands the connection to its task once hyper has switched protocols.
-fn upgrade(
+async fn upgrade(
     app: &AppState,
     path: Result<ChannelPath, ApiError>,
     query: Result<Query<ConnectQuery>, QueryRejection>,
@@ -80,11 +80,13 @@ fn upgrade(
     let channel = app
         .relay
         .authorize(&id, query.token.as_deref())
+        .await
         .map_err(|e| connect_error(e, &id))?;
     let accept = ws::handshake::accept(request.method(), request.version(), request.headers())?;
     let reservation = app
         .relay
         .reserve(&channel)
+        .await
         .map_err(|e| connect_error(e, &id))?;
     let on_upgrade = hyper::upgrade::on(&mut *request);
     let relay = Arc::clone(&app.relay);

@@ -73,6 +73,15 @@ impl ApiError {
         )
     }
 
+    /// 503: the cluster's shared store cannot be reached.
+    pub fn cluster_unavailable() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cluster_unavailable",
+            "the cluster's shared store (NATS) cannot be reached right now; try again or use another node",
+        )
+    }
+
     /// 400 naming the field at fault.
     pub fn invalid_field(field: &str, requirement: &str) -> Self {
         Self::new(
@@ -133,11 +142,28 @@ pub fn connect_error(error: ConnectError, id: &ChannelId) -> ApiError {
             "invalid_token",
             "wrong token for this channel",
         ),
+        ConnectError::Unavailable => ApiError::cluster_unavailable(),
         ConnectError::Full { limit } => ApiError::new(
             StatusCode::CONFLICT,
             "channel_full",
             format!("channel {id} is full: its clientLimit is {limit}"),
         ),
+    }
+}
+
+impl From<crate::cluster::ClusterError> for ApiError {
+    fn from(error: crate::cluster::ClusterError) -> Self {
+        tracing::warn!(%error, "cluster operation failed");
+        Self::cluster_unavailable()
+    }
+}
+
+impl From<crate::relay::RelayError> for ApiError {
+    fn from(error: crate::relay::RelayError) -> Self {
+        match error {
+            crate::relay::RelayError::Create(error) => error.into(),
+            crate::relay::RelayError::Cluster(error) => error.into(),
+        }
     }
 }
 

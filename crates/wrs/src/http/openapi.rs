@@ -53,6 +53,7 @@ pub fn routes(config: &Config) -> OpenApiRouter<AppState> {
         .routes(routes!(channels::reset))
         .routes(routes!(service::service))
         .routes(routes!(service::cluster))
+        .routes(routes!(service::evict))
         .routes(routes!(service::healthz))
         .routes(routes!(service::readyz))
         .routes(routes!(service::metrics))

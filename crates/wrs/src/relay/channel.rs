@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Clock;
 use super::client::{Client, CloseReason, QueueLimits};
-use super::ids::{ChannelId, ClientId, Token};
+use super::ids::{ChannelId, ClientId, TokenDigest};
 use super::pattern::{Pattern, Roster};
 
 /// The settings a channel is created with.
@@ -43,7 +43,7 @@ pub enum JoinError {
 pub struct Channel {
     id: ChannelId,
     spec: ChannelSpec,
-    token: Token,
+    token: TokenDigest,
     created_at: SystemTime,
     clock: Clock,
     members: RwLock<Members>,
@@ -72,6 +72,10 @@ impl Members {
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Client>> {
         self.clients.values()
     }
+
+    pub fn client(&self, id: ClientId) -> Option<&Arc<Client>> {
+        self.clients.get(&id)
+    }
 }
 
 impl Roster for Members {
@@ -88,7 +92,8 @@ impl Channel {
     pub(crate) fn new(
         id: ChannelId,
         spec: ChannelSpec,
-        token: Token,
+        token: TokenDigest,
+        created_at: SystemTime,
         clock: Clock,
         closed: CancellationToken,
     ) -> Self {
@@ -96,7 +101,7 @@ impl Channel {
             id,
             spec,
             token,
-            created_at: SystemTime::now(),
+            created_at,
             clock,
             members: RwLock::new(Members::default()),
             turns: AtomicU64::new(0),
@@ -117,7 +122,7 @@ impl Channel {
         self.spec.pattern
     }
 
-    pub fn token(&self) -> &Token {
+    pub fn token(&self) -> &TokenDigest {
         &self.token
     }
 
@@ -151,6 +156,32 @@ impl Channel {
     pub(crate) fn touch(&self) {
         self.last_activity_ms
             .store(self.clock.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Sets the last activity (ms of the relay clock).
+    pub(crate) fn set_last_activity(&self, ms: u64) {
+        self.last_activity_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Sets the last activity (ms of the relay clock) if it is later than
+    /// the one held — activity seen on another node.
+    pub(crate) fn note_activity_at(&self, ms: u64) {
+        self.last_activity_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    pub(crate) fn last_activity_ms(&self) -> u64 {
+        self.last_activity_ms.load(Ordering::Relaxed)
+    }
+
+    /// The next round-robin turn.
+    pub(crate) fn next_turn(&self) -> u64 {
+        self.turns.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether this node has no clients and no upgrades under way here.
+    pub(crate) fn is_idle_here(&self) -> bool {
+        let members = self.members.read();
+        members.clients.is_empty() && members.reserved == 0
     }
 
     /// When the inactivity timeout fires, in ms of the relay clock.
@@ -191,6 +222,28 @@ impl Channel {
         Ok(Reservation {
             channel: Arc::clone(self),
             held: true,
+            id: None,
+            abandon: None,
+        })
+    }
+
+    /// Holds a place without checking `clientLimit` here: in a cluster the
+    /// shared roster enforces it.
+    ///
+    /// # Errors
+    ///
+    /// [`JoinError::Closed`] after close.
+    pub fn reserve_unchecked(self: &Arc<Self>) -> Result<Reservation, JoinError> {
+        let mut members = self.members.write();
+        if let Some(reason) = members.closed {
+            return Err(JoinError::Closed(reason));
+        }
+        members.reserved += 1;
+        Ok(Reservation {
+            channel: Arc::clone(self),
+            held: true,
+            id: None,
+            abandon: None,
         })
     }
 
@@ -229,11 +282,24 @@ impl Channel {
 
 /// A place held in a channel for a connection being upgraded. Dropping it
 /// without [`Reservation::admit`] gives the place back.
-#[derive(Debug)]
 pub struct Reservation {
     channel: Arc<Channel>,
     /// Whether the place is still held (not yet admitted or given back).
     held: bool,
+    /// In a cluster: the id already written to the shared roster.
+    id: Option<ClientId>,
+    /// In a cluster: gives the shared place back if the upgrade fails.
+    abandon: Option<Box<dyn FnOnce(ClientId) + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("channel", self.channel.id())
+            .field("held", &self.held)
+            .field("id", &self.id)
+            .finish()
+    }
 }
 
 impl Reservation {
@@ -241,8 +307,15 @@ impl Reservation {
         &self.channel
     }
 
-    /// Turns the reservation into a member with a fresh client id, unique
-    /// within the channel.
+    /// Fixes the client's id (already unique cluster-wide) and what to do
+    /// if the upgrade fails.
+    pub fn assign(&mut self, id: ClientId, abandon: Box<dyn FnOnce(ClientId) + Send + Sync>) {
+        self.id = Some(id);
+        self.abandon = Some(abandon);
+    }
+
+    /// Turns the reservation into a member with its assigned id, or a fresh
+    /// one unique within the channel.
     ///
     /// # Errors
     ///
@@ -256,18 +329,30 @@ impl Reservation {
         let mut members = channel.members.write();
         members.reserved -= 1;
         if let Some(reason) = members.closed {
+            drop(members);
+            self.give_back();
             return Err(reason);
         }
-        let id = loop {
-            let id = ClientId::random();
-            if !members.clients.contains_key(&id) {
-                break id;
-            }
+        self.abandon = None;
+        let id = match self.id {
+            Some(id) => id,
+            None => loop {
+                let id = ClientId::random();
+                if !members.clients.contains_key(&id) {
+                    break id;
+                }
+            },
         };
         let client = Arc::new(Client::new(id, limits));
         members.clients.insert(id, Arc::clone(&client));
         drop(members);
         Ok((channel, client))
+    }
+
+    fn give_back(&mut self) {
+        if let (Some(id), Some(abandon)) = (self.id, self.abandon.take()) {
+            abandon(id);
+        }
     }
 }
 
@@ -275,6 +360,7 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         if self.held {
             self.channel.members.write().reserved -= 1;
+            self.give_back();
         }
     }
 }
@@ -282,6 +368,7 @@ impl Drop for Reservation {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::relay::ids::Token;
 
     const LIMITS: QueueLimits = QueueLimits {
         frames: 8,
@@ -298,7 +385,8 @@ mod tests {
         Arc::new(Channel::new(
             ChannelId::random(4),
             spec,
-            Token::random(16),
+            Token::random(16).digest(),
+            SystemTime::now(),
             Clock::new(),
             CancellationToken::new(),
         ))
@@ -344,6 +432,44 @@ mod tests {
         assert_eq!(
             ch.reserve().unwrap_err(),
             JoinError::Closed(CloseReason::ChannelDeleted)
+        );
+    }
+
+    #[test]
+    fn assigned_ids_are_used_and_given_back_when_abandoned() {
+        use std::sync::Mutex;
+        let ch = channel(None, None);
+        let given_back = Arc::new(Mutex::new(Vec::new()));
+        let id = ClientId::from_raw(42);
+        let mut reservation = ch.reserve_unchecked().unwrap();
+        let log = Arc::clone(&given_back);
+        reservation.assign(id, Box::new(move |id| log.lock().unwrap().push(id)));
+        assert!(!ch.is_idle_here());
+        drop(reservation);
+        assert_eq!(*given_back.lock().unwrap(), [id]);
+        assert!(ch.is_idle_here());
+        let mut reservation = ch.reserve_unchecked().unwrap();
+        let log = Arc::clone(&given_back);
+        reservation.assign(id, Box::new(move |id| log.lock().unwrap().push(id)));
+        let (_, client) = reservation.admit(LIMITS).unwrap();
+        assert_eq!(client.id(), id);
+        assert_eq!(
+            given_back.lock().unwrap().len(),
+            1,
+            "an admitted place is not given back"
+        );
+        // Closed during the upgrade: the shared place is given back too.
+        let mut late = ch.reserve_unchecked().unwrap();
+        let log = Arc::clone(&given_back);
+        late.assign(
+            ClientId::from_raw(7),
+            Box::new(move |id| log.lock().unwrap().push(id)),
+        );
+        ch.close(CloseReason::ChannelDeleted);
+        assert_eq!(late.admit(LIMITS).unwrap_err(), CloseReason::ChannelDeleted);
+        assert_eq!(
+            given_back.lock().unwrap().last(),
+            Some(&ClientId::from_raw(7))
         );
     }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use rand::RngExt;
 use rand::distr::{Alphanumeric, SampleString};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 /// Hex digits used for ids, upper case so ids read well when spoken or typed.
@@ -129,14 +130,23 @@ impl fmt::Debug for ClientId {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for ClientId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        ClientId::parse(&text)
+            .ok_or_else(|| serde::de::Error::custom(format!("not a client id: {text:?}")))
+    }
+}
+
 impl serde::Serialize for ClientId {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(self)
     }
 }
 
-/// The secret a client must present to connect to a channel. Returned once,
-/// in the create response; never logged, never shown by `Debug`.
+/// The secret a client must present to connect to a channel. Generated at
+/// creation and returned once, in the create response; the service keeps
+/// only its [`TokenDigest`]. Never logged, never shown by `Debug`.
 pub struct Token(Box<str>);
 
 impl Token {
@@ -146,20 +156,56 @@ impl Token {
         Self(Alphanumeric.sample_string(&mut rand::rng(), len).into())
     }
 
-    /// Compares in constant time with respect to the token's content.
-    pub fn matches(&self, candidate: &str) -> bool {
-        self.0.as_bytes().ct_eq(candidate.as_bytes()).into()
-    }
-
     /// The token itself, for the one response that reveals it.
     pub fn reveal(&self) -> &str {
         &self.0
+    }
+
+    pub fn digest(&self) -> TokenDigest {
+        TokenDigest::of(&self.0)
     }
 }
 
 impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Token(<redacted>)")
+    }
+}
+
+/// The SHA-256 of a channel token: what the service stores (and, in a
+/// cluster, what the shared registry holds).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TokenDigest([u8; 32]);
+
+impl TokenDigest {
+    pub fn of(token: &str) -> Self {
+        Self(Sha256::digest(token.as_bytes()).into())
+    }
+
+    /// Whether `candidate` is the token, compared in constant time.
+    pub fn matches(&self, candidate: &str) -> bool {
+        Self::of(candidate).0.ct_eq(&self.0).into()
+    }
+
+    pub fn to_hex(self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn from_hex(text: &str) -> Option<Self> {
+        if text.len() != 64 || !text.is_ascii() {
+            return None;
+        }
+        let mut bytes = [0u8; 32];
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Self(bytes))
+    }
+}
+
+impl fmt::Debug for TokenDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TokenDigest(<redacted>)")
     }
 }
 
@@ -215,16 +261,25 @@ mod tests {
     }
 
     #[test]
-    fn tokens_are_alphanumeric_and_compare_exactly() {
+    fn tokens_are_alphanumeric_and_checked_by_digest() {
         let token = Token::random(16);
         let text = token.reveal().to_owned();
         assert_eq!(text.len(), 16);
         assert!(text.bytes().all(|b| b.is_ascii_alphanumeric()));
-        assert!(token.matches(&text));
-        assert!(!token.matches(&text[..15]));
-        assert!(!token.matches(&format!("{text}x")));
-        assert!(!token.matches(""));
+        let digest = token.digest();
+        assert!(digest.matches(&text));
+        assert!(!digest.matches(&text[..15]));
+        assert!(!digest.matches(&format!("{text}x")));
+        assert!(!digest.matches(""));
         assert_ne!(Token::random(16).reveal(), text);
         assert_eq!(format!("{token:?}"), "Token(<redacted>)");
+        assert_eq!(format!("{digest:?}"), "TokenDigest(<redacted>)");
+        assert_eq!(TokenDigest::from_hex(&digest.to_hex()), Some(digest));
+        assert_eq!(TokenDigest::from_hex("zz"), None);
+        // SHA-256 of "abc".
+        assert_eq!(
+            TokenDigest::of("abc").to_hex(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 }

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::SystemTime;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
@@ -48,7 +49,8 @@ impl Registry {
         }
     }
 
-    /// Creates a channel with a fresh id and token.
+    /// Creates a channel with a fresh id and token; the token is returned
+    /// once, here, and only its digest is kept.
     ///
     /// # Errors
     ///
@@ -58,7 +60,7 @@ impl Registry {
         spec: ChannelSpec,
         clock: Clock,
         closed: CancellationToken,
-    ) -> Result<Arc<Channel>, CreateError> {
+    ) -> Result<(Arc<Channel>, Token), CreateError> {
         let held = self.count.fetch_add(1, Ordering::AcqRel);
         if held >= self.max_channels {
             self.count.fetch_sub(1, Ordering::AcqRel);
@@ -69,19 +71,58 @@ impl Registry {
         for _ in 0..ID_ATTEMPTS {
             if let Entry::Vacant(slot) = self.channels.entry(ChannelId::random(self.id_bytes)) {
                 let id = slot.key().clone();
+                let token = Token::random(self.token_length);
                 let channel = Arc::new(Channel::new(
                     id,
                     spec,
-                    Token::random(self.token_length),
+                    token.digest(),
+                    SystemTime::now(),
                     clock,
                     closed,
                 ));
                 slot.insert(Arc::clone(&channel));
-                return Ok(channel);
+                return Ok((channel, token));
             }
         }
         self.count.fetch_sub(1, Ordering::AcqRel);
         Err(CreateError::IdsExhausted)
+    }
+
+    /// Whether this node may hold one more channel.
+    ///
+    /// # Errors
+    ///
+    /// [`CreateError::TooManyChannels`] at the limit.
+    pub fn check_room(&self) -> Result<(), CreateError> {
+        if self.count() >= self.max_channels {
+            Err(CreateError::TooManyChannels {
+                max: self.max_channels,
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Adds a channel that exists elsewhere (the cluster's registry). Keeps
+    /// the one already held under that id; returns the channel held and
+    /// whether it is the one just given.
+    pub fn adopt(&self, channel: Arc<Channel>) -> (Arc<Channel>, bool) {
+        match self.channels.entry(channel.id().clone()) {
+            Entry::Occupied(held) => (Arc::clone(held.get()), false),
+            Entry::Vacant(slot) => {
+                self.count.fetch_add(1, Ordering::AcqRel);
+                slot.insert(Arc::clone(&channel));
+                (channel, true)
+            }
+        }
+    }
+
+    pub fn id_bytes(&self) -> usize {
+        self.id_bytes
+    }
+
+    pub fn token_length(&self) -> usize {
+        self.token_length
     }
 
     pub fn get(&self, id: &ChannelId) -> Option<Arc<Channel>> {
@@ -142,14 +183,19 @@ mod tests {
     };
 
     fn create(registry: &Registry) -> Result<Arc<Channel>, CreateError> {
-        registry.create(SPEC, Clock::new(), CancellationToken::new())
+        registry
+            .create(SPEC, Clock::new(), CancellationToken::new())
+            .map(|(channel, _)| channel)
     }
 
     #[test]
     fn create_get_remove() {
         let registry = Registry::new(10, 4, 16);
-        let channel = create(&registry).unwrap();
-        assert_eq!(channel.token().reveal().len(), 16);
+        let (channel, token) = registry
+            .create(SPEC, Clock::new(), CancellationToken::new())
+            .unwrap();
+        assert_eq!(token.reveal().len(), 16);
+        assert!(channel.token().matches(token.reveal()));
         assert!(Arc::ptr_eq(&registry.get(channel.id()).unwrap(), &channel));
         assert_eq!(registry.count(), 1);
         assert!(registry.remove(channel.id()).is_some());
@@ -185,6 +231,35 @@ mod tests {
         }
         assert!(exhausted);
         assert!(registry.count() <= 65_536);
+    }
+
+    #[test]
+    fn adopting_keeps_the_channel_already_held() {
+        let registry = Registry::new(10, 4, 16);
+        let mine = create(&registry).unwrap();
+        let twin = Arc::new(Channel::new(
+            mine.id().clone(),
+            SPEC,
+            Token::random(16).digest(),
+            SystemTime::now(),
+            Clock::new(),
+            CancellationToken::new(),
+        ));
+        assert!(Arc::ptr_eq(&registry.adopt(twin).0, &mine));
+        assert_eq!(registry.count(), 1);
+        let stranger = Arc::new(Channel::new(
+            ChannelId::parse("ABCD-0123").unwrap(),
+            SPEC,
+            Token::random(16).digest(),
+            SystemTime::now(),
+            Clock::new(),
+            CancellationToken::new(),
+        ));
+        assert!(Arc::ptr_eq(
+            &registry.adopt(Arc::clone(&stranger)).0,
+            &stranger
+        ));
+        assert_eq!(registry.count(), 2);
     }
 
     #[test]

@@ -84,7 +84,7 @@ pub(crate) async fn serve(upgraded: Upgraded, reservation: Reservation, relay: A
         }
     };
     if admitted {
-        channel.leave(client.id());
+        relay.leave(&channel, client.id()).await;
         relay.metrics().connections_open.dec();
     }
     debug!(channel = %channel.id(), client = %client.id(), ending = %ending, "client disconnected");

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // Each test binary uses a different subset.
 
+pub mod nats;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,0 +1,938 @@
+//! Cluster mode (`WRS_NATS_URL`): every node connects to the same NATS.
+//! Shared state lives in JetStream key-value buckets ([`records`]);
+//! messages travel on core NATS subjects:
+//!
+//! - `<prefix>.ch.<channel>.all` — broadcasts (pub-sub, req-repl
+//!   requests). A node subscribes while it has clients in the channel, so
+//!   NATS carries one copy per interested node, never one per client.
+//! - `<prefix>.node.<node>` — messages for one client on that node
+//!   (round-robin picks and replies), headers naming the target.
+//!
+//! This module owns the NATS connection, the buckets and the cluster's
+//! caches; [`sync`] runs the loops that keep this node's relay in step with
+//! them, and [`crate::backplane::nats`] relays messages through them.
+
+pub mod records;
+pub mod sync;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_nats::jetstream::kv;
+use async_nats::{HeaderMap, connection::State};
+use bytes::Bytes;
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use rand::RngExt;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::config::Secret;
+use crate::metrics::Metrics;
+use crate::relay::ids::{ChannelId, ClientId};
+use records::{ChannelRecord, ClusterRoster, Member, MembersDoc, NodeRecord, epoch_ms};
+
+/// Messages waiting to be published to NATS; beyond this they are dropped
+/// and counted, never buffered without bound.
+pub const PUBLISH_QUEUE: usize = 65_536;
+/// Compare-and-set attempts before a membership change gives up.
+const CAS_ATTEMPTS: usize = 64;
+/// How long a store operation is retried while NATS fails over (a server
+/// lost, leaders being elected) before the request gives up with 503.
+pub const STORE_RETRY: Duration = Duration::from_secs(10);
+/// A node is considered gone after this many heartbeat intervals of silence.
+pub const MISSED_HEARTBEATS: u32 = 3;
+
+/// How to reach and use the cluster, from the configuration.
+#[derive(Clone, Debug)]
+pub struct ClusterSettings {
+    /// Comma-separated NATS server URLs.
+    pub urls: String,
+    /// Prefix of subjects and bucket names (`WRS_CLUSTER`).
+    pub prefix: String,
+    pub node_id: String,
+    /// Host and port clients use for this node (shown in `/cluster`).
+    pub address: String,
+    pub credentials: Option<PathBuf>,
+    pub token: Option<Secret>,
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub kv_replicas: usize,
+    pub heartbeat: Duration,
+    /// How long to keep trying the first connection.
+    pub connect_timeout: Duration,
+}
+
+/// Why a cluster operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot connect to NATS at {urls}: {reason}")]
+    Connect { urls: String, reason: String },
+    #[error("cannot open the key-value bucket {bucket}: {reason}")]
+    Bucket { bucket: String, reason: String },
+    #[error("the cluster store is unavailable: {0}")]
+    Unavailable(String),
+    #[error("too many concurrent changes to channel {0}; try again")]
+    Contention(String),
+}
+
+/// Why a place in a channel could not be reserved.
+#[derive(Debug, thiserror::Error)]
+pub enum ReserveError {
+    #[error("channel full ({limit} clients)")]
+    Full { limit: u32 },
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+}
+
+/// A message for NATS.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub subject: String,
+    pub headers: HeaderMap,
+    pub payload: Bytes,
+}
+
+/// The latest members document of a channel, as this node knows it.
+#[derive(Clone, Debug)]
+pub struct Members {
+    pub revision: u64,
+    pub doc: Arc<MembersDoc>,
+    pub roster: Arc<ClusterRoster>,
+}
+
+/// A node as last heard from.
+#[derive(Clone, Debug)]
+pub struct SeenNode {
+    pub record: NodeRecord,
+    pub seen: Instant,
+}
+
+/// The NATS connection, the buckets and what this node knows of them.
+#[derive(Debug)]
+pub struct Cluster {
+    node: Arc<str>,
+    prefix: String,
+    address: Mutex<String>,
+    heartbeat: Duration,
+    started_at: SystemTime,
+    client: async_nats::Client,
+    channels: kv::Store,
+    members: kv::Store,
+    activity: kv::Store,
+    nodes: kv::Store,
+    /// Members documents of every channel, from the `members` watch.
+    docs: DashMap<ChannelId, Members>,
+    /// Nodes heard from recently, from the `nodes` watch.
+    seen: Mutex<BTreeMap<String, SeenNode>>,
+    /// Since when this node has watched heartbeats without interruption.
+    watching_since: Mutex<Instant>,
+    outgoing_tx: mpsc::Sender<Outgoing>,
+    outgoing_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
+    /// When this node last wrote each channel's activity.
+    activity_written: DashMap<ChannelId, Instant>,
+    metrics: Arc<Metrics>,
+}
+
+impl Cluster {
+    /// Connects to NATS (retrying for `connect_timeout`) and opens the
+    /// buckets, creating them if needed.
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterError::Connect`] or [`ClusterError::Bucket`].
+    pub async fn connect(
+        settings: &ClusterSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        let client = connect_nats(settings).await?;
+        let jetstream = async_nats::jetstream::new(client.clone());
+        let bucket = |kind: &str, max_age: Duration| kv::Config {
+            bucket: format!("{}-{kind}", settings.prefix),
+            description: format!("WRS cluster {}: {kind}", settings.prefix),
+            history: 1,
+            max_age,
+            num_replicas: settings.kv_replicas,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        };
+        // A NATS cluster that is starting needs a moment to elect its
+        // JetStream leader: retry until the connect deadline.
+        let deadline = Instant::now() + settings.connect_timeout;
+        let open = |config: kv::Config| {
+            let jetstream = jetstream.clone();
+            async move {
+                let name = config.bucket.clone();
+                loop {
+                    match jetstream.create_or_update_key_value(config.clone()).await {
+                        Ok(store) => return Ok(store),
+                        Err(e) if Instant::now() < deadline => {
+                            tracing::debug!(bucket = %name, error = %e, "bucket not ready yet");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Err(e) => {
+                            return Err(ClusterError::Bucket {
+                                bucket: name,
+                                reason: e.to_string(),
+                            });
+                        }
+                    }
+                }
+            }
+        };
+        let channels = open(bucket("channels", Duration::ZERO)).await?;
+        let members = open(bucket("members", Duration::ZERO)).await?;
+        // Timeouts are at most 30 days; stale activity ages out after that.
+        let activity = open(bucket("activity", Duration::from_secs(31 * 24 * 3600))).await?;
+        let nodes = open(bucket("nodes", settings.heartbeat * 10 * MISSED_HEARTBEATS)).await?;
+        let (outgoing_tx, outgoing_rx) = mpsc::channel(PUBLISH_QUEUE);
+        info!(node = %settings.node_id, prefix = %settings.prefix, urls = %settings.urls, "joined the cluster");
+        Ok(Arc::new(Cluster {
+            node: settings.node_id.as_str().into(),
+            prefix: settings.prefix.clone(),
+            address: Mutex::new(settings.address.clone()),
+            heartbeat: settings.heartbeat,
+            started_at: SystemTime::now(),
+            client,
+            channels,
+            members,
+            activity,
+            nodes,
+            docs: DashMap::new(),
+            seen: Mutex::new(BTreeMap::new()),
+            watching_since: Mutex::new(Instant::now()),
+            outgoing_tx,
+            outgoing_rx: Mutex::new(Some(outgoing_rx)),
+            activity_written: DashMap::new(),
+            metrics,
+        }))
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Sets the host and port clients use for this node (known once the
+    /// port is bound).
+    pub fn set_address(&self, address: String) {
+        *self.address.lock() = address;
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        self.heartbeat
+    }
+
+    /// Whether the NATS connection is up.
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn channels_store(&self) -> &kv::Store {
+        &self.channels
+    }
+
+    pub fn members_store(&self) -> &kv::Store {
+        &self.members
+    }
+
+    pub fn nodes_store(&self) -> &kv::Store {
+        &self.nodes
+    }
+
+    /// Broadcast subject of a channel.
+    pub fn all_subject(&self, channel: &ChannelId) -> String {
+        format!("{}.ch.{channel}.all", self.prefix)
+    }
+
+    /// Direct subject of a node.
+    pub fn node_subject(&self, node: &str) -> String {
+        format!("{}.node.{node}", self.prefix)
+    }
+
+    // ----- channels --------------------------------------------------------
+
+    /// Stores a new channel; fails with `Ok(false)` if the id is taken
+    /// anywhere in the cluster. Returns once NATS acknowledged the write.
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterError::Unavailable`] when the store cannot be reached.
+    pub async fn create_channel(
+        &self,
+        id: &ChannelId,
+        record: &ChannelRecord,
+    ) -> Result<bool, ClusterError> {
+        let value: Bytes = serde_json::to_vec(record)
+            .map_err(|e| ClusterError::Unavailable(e.to_string()))?
+            .into();
+        let mut retry = Retry::new();
+        loop {
+            match self.channels.create(id.as_str(), value.clone()).await {
+                Ok(_) => return Ok(true),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => return Ok(false),
+                Err(e) => retry.wait(e).await?,
+            }
+        }
+    }
+
+    /// A channel's record and revision, if it exists and is not closing.
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterError::Unavailable`].
+    pub async fn fetch_channel(
+        &self,
+        id: &ChannelId,
+    ) -> Result<Option<(ChannelRecord, u64)>, ClusterError> {
+        let mut retry = Retry::new();
+        let entry = loop {
+            match self.channels.entry(id.as_str()).await {
+                Ok(entry) => break entry,
+                Err(e) => retry.wait(e).await?,
+            }
+        };
+        Ok(entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .and_then(|e| {
+                serde_json::from_slice::<ChannelRecord>(&e.value)
+                    .ok()
+                    .map(|r| (r, e.revision))
+            })
+            .filter(|(record, _)| record.closing.is_none()))
+    }
+
+    /// Closes a channel cluster-wide: marks it with `reason` (every node
+    /// closes its clients with the matching code), then deletes it and its
+    /// members and activity. `expected` makes it conditional on the record
+    /// not having changed. Returns whether this call closed it.
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterError::Unavailable`].
+    pub async fn close_channel(
+        &self,
+        id: &ChannelId,
+        reason: &str,
+        expected: Option<u64>,
+    ) -> Result<bool, ClusterError> {
+        let Some((mut record, revision)) = self.fetch_channel(id).await? else {
+            return Ok(false);
+        };
+        if expected.is_some_and(|e| e != revision) {
+            return Ok(false);
+        }
+        record.closing = Some(reason.to_owned());
+        let value: Bytes = serde_json::to_vec(&record)
+            .map_err(|e| ClusterError::Unavailable(e.to_string()))?
+            .into();
+        let mut retry = Retry::new();
+        loop {
+            match self
+                .channels
+                .update(id.as_str(), value.clone(), revision)
+                .await
+            {
+                Ok(_) => break,
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => return Ok(false),
+                Err(e) => retry.wait(e).await?,
+            }
+        }
+        for store in [&self.channels, &self.members, &self.activity] {
+            let mut retry = Retry::new();
+            while let Err(e) = store.delete(id.as_str()).await {
+                retry.wait(e).await?;
+            }
+        }
+        self.docs.remove(id);
+        Ok(true)
+    }
+
+    /// Ids of every channel in the cluster.
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterError::Unavailable`].
+    pub async fn channel_ids(&self) -> Result<Vec<ChannelId>, ClusterError> {
+        use futures_util::TryStreamExt;
+        let keys = self
+            .channels
+            .keys()
+            .await
+            .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
+        let keys: Vec<String> = keys
+            .try_collect()
+            .await
+            .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
+        Ok(keys.iter().filter_map(|k| ChannelId::parse(k)).collect())
+    }
+
+    // ----- members ---------------------------------------------------------
+
+    /// The cluster roster of a channel, as last seen.
+    pub fn members(&self, channel: &ChannelId) -> Option<Members> {
+        self.docs.get(channel).map(|m| m.clone())
+    }
+
+    /// Records a members document seen in the bucket (newer revisions win).
+    pub fn apply_members(&self, channel: ChannelId, revision: u64, doc: MembersDoc) {
+        let members = Members {
+            revision,
+            roster: Arc::new(ClusterRoster::of(&doc)),
+            doc: Arc::new(doc),
+        };
+        match self.docs.entry(channel) {
+            dashmap::Entry::Occupied(mut held) => {
+                if held.get().revision < revision {
+                    held.insert(members);
+                }
+            }
+            dashmap::Entry::Vacant(slot) => {
+                slot.insert(members);
+            }
+        }
+    }
+
+    pub fn forget_members(&self, channel: &ChannelId) {
+        self.docs.remove(channel);
+    }
+
+    /// Reserves a place for a new client on this node: draws an id unique
+    /// in the channel cluster-wide and adds it — unless that would exceed
+    /// `limit`. Compare-and-set, so concurrent connects on any nodes can
+    /// never exceed the limit.
+    ///
+    /// # Errors
+    ///
+    /// [`ReserveError::Full`], or the cluster's error.
+    pub async fn reserve(
+        &self,
+        channel: &ChannelId,
+        limit: Option<u32>,
+    ) -> Result<ClientId, ReserveError> {
+        let node = Arc::clone(&self.node);
+        let mut chosen = None;
+        self.change_members(channel, |doc| {
+            if let Some(limit) = limit
+                && doc.len() >= limit as usize
+            {
+                return Err(ReserveError::Full { limit });
+            }
+            let id = loop {
+                let id = ClientId::random();
+                if !doc.contains(id) {
+                    break id;
+                }
+            };
+            chosen = Some(id);
+            doc.add(
+                &node,
+                Member {
+                    id,
+                    at: epoch_ms(SystemTime::now()),
+                },
+            );
+            Ok(true)
+        })
+        .await?;
+        chosen.ok_or_else(|| {
+            ReserveError::Cluster(ClusterError::Unavailable("no id chosen".to_owned()))
+        })
+    }
+
+    /// Removes a client (that left, or whose upgrade failed).
+    ///
+    /// # Errors
+    ///
+    /// The cluster's error.
+    pub async fn release(&self, channel: &ChannelId, id: ClientId) -> Result<(), ClusterError> {
+        self.change_members(channel, |doc| Ok::<_, ReserveError>(doc.remove(id)))
+            .await
+            .map(drop)
+            .map_err(|e| match e {
+                ReserveError::Cluster(e) => e,
+                ReserveError::Full { .. } => ClusterError::Unavailable("unexpected".to_owned()),
+            })
+    }
+
+    /// Sets this node's entry of a channel to exactly `clients` (repairs
+    /// the document after an eviction or a lost write).
+    ///
+    /// # Errors
+    ///
+    /// The cluster's error.
+    pub async fn set_local_members(
+        &self,
+        channel: &ChannelId,
+        clients: &[Member],
+    ) -> Result<(), ClusterError> {
+        let node = Arc::clone(&self.node);
+        self.change_members(channel, |doc| {
+            let current = doc.nodes.get(&*node).map(Vec::as_slice).unwrap_or_default();
+            let mut want: Vec<Member> = clients.to_vec();
+            want.sort_by_key(|m| (m.at, m.id));
+            let mut have = current.to_vec();
+            have.sort_by_key(|m| (m.at, m.id));
+            if want == have {
+                return Ok::<_, ReserveError>(false);
+            }
+            doc.nodes.remove(&*node);
+            if !clients.is_empty() {
+                doc.nodes.insert(node.to_string(), want);
+            }
+            Ok(true)
+        })
+        .await
+        .map(drop)
+        .map_err(|e| match e {
+            ReserveError::Cluster(e) => e,
+            ReserveError::Full { .. } => ClusterError::Unavailable("unexpected".to_owned()),
+        })
+    }
+
+    /// Removes every client of `node` from every channel this node knows;
+    /// returns how many were removed.
+    ///
+    /// # Errors
+    ///
+    /// The cluster's error, for the first channel that failed.
+    pub async fn remove_node_members(&self, node: &str) -> Result<usize, ClusterError> {
+        let channels: Vec<ChannelId> = self
+            .docs
+            .iter()
+            .filter(|m| m.doc.nodes.contains_key(node))
+            .map(|m| m.key().clone())
+            .collect();
+        let mut removed = 0;
+        for channel in channels {
+            let mut count = 0;
+            self.change_members(&channel, |doc| {
+                count = doc.remove_node(node);
+                Ok::<_, ReserveError>(count > 0)
+            })
+            .await
+            .map_err(|e| match e {
+                ReserveError::Cluster(e) => e,
+                ReserveError::Full { .. } => ClusterError::Unavailable("unexpected".to_owned()),
+            })?;
+            removed += count;
+        }
+        Ok(removed)
+    }
+
+    /// Reads, changes and writes back a members document, retrying on
+    /// conflicting writes. `change` returns whether it changed anything.
+    async fn change_members<F>(
+        &self,
+        channel: &ChannelId,
+        mut change: F,
+    ) -> Result<MembersDoc, ReserveError>
+    where
+        F: FnMut(&mut MembersDoc) -> Result<bool, ReserveError>,
+    {
+        let unavailable = |e: &dyn std::fmt::Display| {
+            ReserveError::Cluster(ClusterError::Unavailable(e.to_string()))
+        };
+        let mut retry = Retry::new();
+        let mut attempt = 0;
+        while attempt < CAS_ATTEMPTS {
+            let entry = match self.members.entry(channel.as_str()).await {
+                Ok(entry) => entry,
+                Err(e) => {
+                    retry.wait(e).await.map_err(ReserveError::Cluster)?;
+                    continue;
+                }
+            };
+            let (mut doc, revision) = match entry {
+                Some(e) if e.operation == kv::Operation::Put => (
+                    serde_json::from_slice::<MembersDoc>(&e.value).unwrap_or_default(),
+                    e.revision,
+                ),
+                Some(e) => (MembersDoc::default(), e.revision),
+                None => (MembersDoc::default(), 0),
+            };
+            if !change(&mut doc)? {
+                return Ok(doc);
+            }
+            let value: Bytes = serde_json::to_vec(&doc)
+                .map_err(|e| unavailable(&e))?
+                .into();
+            let written = if revision == 0 {
+                match self.members.create(channel.as_str(), value).await {
+                    Ok(revision) => Some(revision),
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => None,
+                    Err(e) => {
+                        retry.wait(e).await.map_err(ReserveError::Cluster)?;
+                        continue;
+                    }
+                }
+            } else {
+                match self.members.update(channel.as_str(), value, revision).await {
+                    Ok(revision) => Some(revision),
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => None,
+                    Err(e) => {
+                        retry.wait(e).await.map_err(ReserveError::Cluster)?;
+                        continue;
+                    }
+                }
+            };
+            if let Some(revision) = written {
+                self.apply_members(channel.clone(), revision, doc.clone());
+                return Ok(doc);
+            }
+            // Someone else wrote first: back off a little, read again.
+            attempt += 1;
+            let jitter = rand::rng().random_range(0..=(1u64 << attempt.min(6)));
+            tokio::time::sleep(Duration::from_millis(jitter)).await;
+        }
+        Err(ReserveError::Cluster(ClusterError::Contention(
+            channel.to_string(),
+        )))
+    }
+
+    // ----- activity --------------------------------------------------------
+
+    /// Notes activity on a channel; writes it to the shared bucket at most
+    /// once per `every` from this node (never waiting on the message path).
+    pub fn note_activity(self: &Arc<Self>, channel: &ChannelId, every: Duration) {
+        let now = Instant::now();
+        let due = self
+            .activity_written
+            .get(channel)
+            .is_none_or(|last| now.duration_since(*last) >= every);
+        if !due {
+            return;
+        }
+        self.activity_written.insert(channel.clone(), now);
+        let cluster = Arc::clone(self);
+        let channel = channel.clone();
+        tokio::spawn(async move {
+            let stamp = epoch_ms(SystemTime::now()).to_string();
+            if let Err(error) = cluster.activity.put(channel.as_str(), stamp.into()).await {
+                warn!(%channel, %error, "cannot record channel activity in the cluster");
+            }
+        });
+    }
+
+    /// The last activity any node recorded for a channel.
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterError::Unavailable`].
+    pub async fn last_activity_ms(&self, channel: &ChannelId) -> Result<Option<u64>, ClusterError> {
+        let value = self
+            .activity
+            .get(channel.as_str())
+            .await
+            .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
+        Ok(value.and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok()))
+    }
+
+    pub fn forget_activity(&self, channel: &ChannelId) {
+        self.activity_written.remove(channel);
+    }
+
+    // ----- messages --------------------------------------------------------
+
+    /// Queues a message for NATS without waiting.
+    pub fn publish(&self, outgoing: Outgoing) {
+        match self.outgoing_tx.try_send(outgoing) {
+            Ok(()) => {
+                self.metrics.cluster.published.inc();
+            }
+            Err(_) => {
+                self.metrics.cluster.dropped.inc();
+            }
+        }
+    }
+
+    /// Takes the queue's receiving end (once, for the publisher task).
+    pub fn take_outgoing(&self) -> Option<mpsc::Receiver<Outgoing>> {
+        self.outgoing_rx.lock().take()
+    }
+
+    // ----- nodes -----------------------------------------------------------
+
+    /// Writes this node's heartbeat.
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterError::Unavailable`].
+    pub async fn beat(
+        &self,
+        state: &str,
+        clients: u64,
+        channels: u64,
+        messages_per_second: u64,
+    ) -> Result<(), ClusterError> {
+        let record = NodeRecord {
+            id: self.node.to_string(),
+            address: self.address.lock().clone(),
+            state: state.to_owned(),
+            started_at_ms: epoch_ms(self.started_at),
+            clients,
+            channels,
+            messages_per_second,
+        };
+        let value =
+            serde_json::to_vec(&record).map_err(|e| ClusterError::Unavailable(e.to_string()))?;
+        self.nodes
+            .put(&*self.node, value.into())
+            .await
+            .map(drop)
+            .map_err(|e| ClusterError::Unavailable(e.to_string()))
+    }
+
+    /// Records a heartbeat seen in the bucket.
+    pub fn saw_node(&self, record: NodeRecord) {
+        self.seen.lock().insert(
+            record.id.clone(),
+            SeenNode {
+                record,
+                seen: Instant::now(),
+            },
+        );
+    }
+
+    /// Records a heartbeat written `age` ago.
+    pub fn saw_node_aged(&self, record: NodeRecord, age: Duration) {
+        let seen = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        let mut nodes = self.seen.lock();
+        let fresher = nodes.get(&record.id).is_none_or(|known| known.seen <= seen);
+        if fresher {
+            nodes.insert(record.id.clone(), SeenNode { record, seen });
+        }
+    }
+
+    /// The heartbeat watch (re)started, or heartbeats could not be written:
+    /// what this node knows of other nodes' liveness is not complete yet.
+    pub fn nodes_resynced(&self) {
+        *self.watching_since.lock() = Instant::now();
+    }
+
+    /// Whether this node has watched heartbeats for a full liveness bound
+    /// without interruption, so silence really means absence.
+    pub fn knows_liveness(&self) -> bool {
+        self.watching_since.lock().elapsed() > self.heartbeat * MISSED_HEARTBEATS
+    }
+
+    /// Nodes other than this one that appear in some channel's roster.
+    pub fn rostered_nodes(&self) -> Vec<String> {
+        let mut nodes: Vec<String> = self
+            .docs
+            .iter()
+            .flat_map(|m| m.doc.nodes.keys().cloned().collect::<Vec<_>>())
+            .filter(|n| *n != *self.node)
+            .collect();
+        nodes.sort();
+        nodes.dedup();
+        nodes
+    }
+
+    /// Reads a node's heartbeat from the bucket: whether it was written
+    /// within the liveness bound (then it is recorded as seen).
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterError::Unavailable`].
+    pub async fn confirm_alive(&self, node: &str) -> Result<bool, ClusterError> {
+        let entry = self
+            .nodes
+            .entry(node)
+            .await
+            .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
+        let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+            return Ok(false);
+        };
+        let age = SystemTime::now()
+            .duration_since(SystemTime::from(entry.created))
+            .unwrap_or_default();
+        if age > self.heartbeat * MISSED_HEARTBEATS {
+            return Ok(false);
+        }
+        if let Ok(record) = serde_json::from_slice::<NodeRecord>(&entry.value) {
+            self.saw_node_aged(record, age);
+        }
+        Ok(true)
+    }
+
+    /// Forgets a node (it left, or was found dead or evicted).
+    pub fn forget_node(&self, node: &str) -> bool {
+        self.seen.lock().remove(node).is_some()
+    }
+
+    /// Nodes heard from within the liveness bound, by id.
+    pub fn live_nodes(&self) -> Vec<SeenNode> {
+        let bound = self.heartbeat * MISSED_HEARTBEATS;
+        self.seen
+            .lock()
+            .values()
+            .filter(|n| n.seen.elapsed() <= bound)
+            .cloned()
+            .collect()
+    }
+
+    /// Nodes not heard from within the liveness bound.
+    pub fn silent_nodes(&self) -> Vec<String> {
+        let bound = self.heartbeat * MISSED_HEARTBEATS;
+        self.seen
+            .lock()
+            .values()
+            .filter(|n| n.seen.elapsed() > bound && *n.record.id != *self.node)
+            .map(|n| n.record.id.clone())
+            .collect()
+    }
+
+    pub fn is_live(&self, node: &str) -> bool {
+        let bound = self.heartbeat * MISSED_HEARTBEATS;
+        node == &*self.node
+            || self
+                .seen
+                .lock()
+                .get(node)
+                .is_some_and(|n| n.seen.elapsed() <= bound)
+    }
+
+    /// Leaves the cluster gracefully: removes this node's heartbeat and any
+    /// of its clients still listed, and flushes what is queued for NATS.
+    pub async fn leave(&self) {
+        if let Err(error) = self.remove_node_members(&self.node).await {
+            warn!(%error, "cannot remove this node's clients from the cluster roster");
+        }
+        if let Err(error) = self.delete_node(&self.node).await {
+            warn!(%error, "cannot remove this node's heartbeat");
+        }
+        let _ = self.client.flush().await;
+        info!(node = %self.node, "left the cluster");
+    }
+
+    /// Removes a node's heartbeat (graceful leave, or eviction).
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterError::Unavailable`].
+    pub async fn delete_node(&self, node: &str) -> Result<(), ClusterError> {
+        self.forget_node(node);
+        self.nodes
+            .delete(node)
+            .await
+            .map_err(|e| ClusterError::Unavailable(e.to_string()))
+    }
+}
+
+/// Retries transient store failures with back-off for [`STORE_RETRY`].
+struct Retry {
+    deadline: Instant,
+    delay: Duration,
+}
+
+impl Retry {
+    fn new() -> Self {
+        Self {
+            deadline: Instant::now() + STORE_RETRY,
+            delay: Duration::from_millis(25),
+        }
+    }
+
+    /// Waits before the next attempt, or gives up with the error.
+    async fn wait<E: std::fmt::Display>(&mut self, error: E) -> Result<(), ClusterError> {
+        if Instant::now() + self.delay > self.deadline {
+            return Err(ClusterError::Unavailable(error.to_string()));
+        }
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(Duration::from_millis(500));
+        Ok(())
+    }
+}
+
+/// Parses `WRS_NATS_URL`: comma-separated server URLs.
+fn server_list(urls: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| format!("{u:?}: {e}"))
+        })
+        .collect()
+}
+
+/// Connects to NATS with the configured credentials, retrying until
+/// `connect_timeout`. Once connected, the client reconnects by itself
+/// (with back-off) for as long as the process runs.
+async fn connect_nats(settings: &ClusterSettings) -> Result<async_nats::Client, ClusterError> {
+    let error = |reason: String| ClusterError::Connect {
+        urls: settings.urls.clone(),
+        reason,
+    };
+    let deadline = Instant::now() + settings.connect_timeout;
+    // A node never wants its own publications back: it delivers to its
+    // own clients directly.
+    let mut options = async_nats::ConnectOptions::new()
+        .no_echo()
+        .name(format!("wrs-{}", settings.node_id))
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(2))
+        .retry_on_initial_connect();
+    if let Some(path) = &settings.credentials {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|e| error(format!("credentials file {}: {e}", path.display())))?;
+    }
+    if let Some(token) = &settings.token {
+        options = options.token(token.expose().to_owned());
+    }
+    if let (Some(user), Some(password)) = (&settings.user, &settings.password) {
+        options = options.user_and_password(user.clone(), password.expose().to_owned());
+    }
+    if let Some(ca) = &settings.tls_ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&settings.tls_cert, &settings.tls_key) {
+        options = options
+            .add_client_certificate(cert.clone(), key.clone())
+            .require_tls(true);
+    }
+    let client = options
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => info!("NATS connected"),
+                async_nats::Event::Disconnected => warn!("NATS disconnected; reconnecting"),
+                other => info!(event = %other, "NATS event"),
+            }
+        })
+        .connect(server_list(&settings.urls).map_err(error)?)
+        .await
+        .map_err(|e| error(e.to_string()))?;
+    // With retry_on_initial_connect the client is returned at once and
+    // keeps trying in the background: wait (bounded) until it is connected.
+    let mut delay = Duration::from_millis(20);
+    while client.connection_state() != State::Connected {
+        if Instant::now() >= deadline {
+            return Err(error(format!(
+                "not reachable within {:?}",
+                settings.connect_timeout
+            )));
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(500));
+    }
+    Ok(client)
+}
