@@ -1,0 +1,389 @@
+#!/usr/bin/env bash
+# The benchmark suite. Builds WRS and wrs-bench (release), runs every case
+# of the standard suite against WRS pinned to core 0 with the load
+# generator pinned to core 1, RUNS times each, then the broadcast cases
+# against the peers (Nchan and websocat, same pinning), profiles the
+# fan-out, and writes docs/benchmarks.md with medians, ratios WRS / peer
+# and the targets of issue 4.
+#
+# Fully automatic on a fresh Debian machine (run as root, or with sudo):
+# installs nginx-light + libnginx-mod-nchan, valgrind and linux-perf with
+# apt-get, and websocat with cargo install. Every server it starts is a
+# child of this script on loopback, stopped by PID at the end. Each run is
+# bounded in time; the whole suite takes about 25 minutes.
+#
+# Settings (environment):
+#   RUNS=3          runs per case (medians are taken)
+#   DURATION=10     seconds of load per run
+#   PEERS="nchan websocat"   peers to compare against ("" for none)
+#   PROFILE=1       profile the fan-out (0 to skip)
+#   SUITE=1         run the suite (0: keep target/bench/results from an
+#                   earlier run and only profile and write the document)
+#   OUT=docs/benchmarks.md
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+RUNS=${RUNS:-3}
+DURATION=${DURATION:-10}
+PEERS=${PEERS-nchan websocat}
+PROFILE=${PROFILE:-1}
+SUITE=${SUITE:-1}
+OUT=${OUT:-docs/benchmarks.md}
+WRS_PORT=18080
+NCHAN_PORT=18081
+WEBSOCAT_PORT=18082
+SERVER_CORE=0
+BENCH_CORE=1
+WEBSOCAT_VERSION=1.14.1
+
+results=$root/target/bench/results
+profiles=$root/target/bench/profile
+rundir=$root/target/bench/run
+[ "$SUITE" = 1 ] && rm -rf "$results"
+rm -rf "$profiles" "$rundir"
+mkdir -p "$results" "$profiles" "$rundir"
+
+log() { printf '== %s\n' "$*" >&2; }
+have() { command -v "$1" >/dev/null 2>&1; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# --- tools -----------------------------------------------------------------
+apt_updated=
+apt_install() {
+  if [ -z "$apt_updated" ]; then
+    as_root apt-get update -qq
+    apt_updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
+}
+have taskset || apt_install util-linux
+case " $PEERS " in
+  *" nchan "*)
+    if ! have nginx || [ ! -e /usr/lib/nginx/modules/ngx_nchan_module.so ]; then
+      log "installing nginx-light and libnginx-mod-nchan (Debian packages)"
+      apt_install nginx-light libnginx-mod-nchan
+    fi
+    ;;
+esac
+case " $PEERS " in
+  *" websocat "*)
+    if ! have websocat; then
+      log "installing websocat $WEBSOCAT_VERSION (cargo install)"
+      cargo install --quiet --locked websocat --version "$WEBSOCAT_VERSION"
+    fi
+    export PATH="$HOME/.cargo/bin:$PATH"
+    ;;
+esac
+if [ "$PROFILE" = 1 ]; then
+  have valgrind || apt_install valgrind
+  have perf || apt_install linux-perf || true
+fi
+
+# --- limits and build ------------------------------------------------------
+# 19 000 idle connections need as many descriptors in the server and in
+# the load generator; the hard limit here is 20 000.
+ulimit -n "$(ulimit -Hn)"
+log "building release binaries"
+cargo build --release --quiet -p wrs -p wrs-bench
+wrs=$root/target/release/wrs
+bench=$root/target/release/wrs-bench
+
+# --- servers ---------------------------------------------------------------
+server_pid=
+server_cpu_pid=
+# stop_server [SECONDS]: SIGTERM, then SIGKILL after SECONDS (default 10).
+stop_server() {
+  local grace=${1:-10}
+  if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
+    kill -TERM "$server_pid" 2>/dev/null || true
+    for _ in $(seq $((grace * 10))); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+  fi
+  server_pid=
+  server_cpu_pid=
+}
+trap stop_server EXIT
+
+wait_port() {
+  for _ in $(seq 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    kill -0 "$server_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "server on port $1 did not start" >&2
+  return 1
+}
+
+start_wrs() {
+  WRS_API_PORT=$WRS_PORT WRS_BIND_ADDRESS=127.0.0.1 WRS_LOG=warn \
+    WRS_MAX_CHANNELS=1000000 \
+    taskset -c "$SERVER_CORE" "$@" "$wrs" >>"$rundir/wrs.log" 2>&1 &
+  server_pid=$!
+  server_cpu_pid=$server_pid
+  wait_port "$WRS_PORT"
+}
+
+start_nchan() {
+  mkdir -p "$rundir/nchan/tmp"
+  cp bench/peers/nchan.conf "$rundir/nchan/nchan.conf"
+  taskset -c "$SERVER_CORE" nginx -p "$rundir/nchan" -c nchan.conf \
+    -e "$rundir/nchan/error.log" >>"$rundir/nchan.log" 2>&1 &
+  server_pid=$!
+  wait_port "$NCHAN_PORT"
+  # The worker process does the work; the master only supervises.
+  server_cpu_pid=
+  for _ in $(seq 50); do
+    server_cpu_pid=$(pgrep -P "$server_pid" | head -1 || true)
+    [ -n "$server_cpu_pid" ] && break
+    sleep 0.1
+  done
+  [ -n "$server_cpu_pid" ] || { echo "no nginx worker process" >&2; return 1; }
+}
+
+start_websocat() {
+  taskset -c "$SERVER_CORE" websocat -t "ws-l:127.0.0.1:$WEBSOCAT_PORT" broadcast:mirror: \
+    >>"$rundir/websocat.log" 2>&1 &
+  server_pid=$!
+  server_cpu_pid=$server_pid
+  wait_port "$WEBSOCAT_PORT"
+}
+
+# --- the suite -------------------------------------------------------------
+# case name | scenario and its arguments (the common ones are added below)
+wrs_cases=(
+  "fanout-1k-max|fanout --publishers 1 --subscribers 1000 --size 64"
+  "fanout-100-max|fanout --publishers 1 --subscribers 100 --size 64"
+  "fanout-1k-40|fanout --publishers 1 --subscribers 1000 --size 64 --rate 40"
+  "fanout-10ch-max|fanout --publishers 10 --subscribers 1000 --channels 10 --size 64"
+  "pushpull-max|pushpull --producers 1 --workers 10 --size 64"
+  "faninout-max|pushpull --pattern fan-in-out --producers 1 --workers 10 --size 96"
+  "echo|echo --clients 100 --inflight 10 --size 64"
+  "reqrep|reqrep --clients 50 --inflight 10 --pattern fan-in-out --size 96"
+  "idle-19k|idle --connections 19000"
+  "churn|churn --workers 32"
+)
+# The peers only broadcast: the fan-out cases and idle connections.
+nchan_cases=(fanout-1k-max fanout-100-max fanout-1k-40 fanout-10ch-max idle-19k)
+websocat_cases=(fanout-1k-max fanout-100-max fanout-1k-40 idle-19k)
+
+
+case_args() {
+  local name=$1
+  for entry in "${wrs_cases[@]}"; do
+    if [ "${entry%%|*}" = "$name" ]; then
+      echo "${entry#*|}"
+      return
+    fi
+  done
+  echo "unknown case $name" >&2
+  return 1
+}
+
+# run_case TARGET CASE RUN TARGET_ARGS...
+run_case() {
+  local target=$1 name=$2 run=$3
+  shift 3
+  local args
+  args=$(case_args "$name")
+  local out="$results/$name.$target.$run.json"
+  # shellcheck disable=SC2086 # the argument string is split on purpose
+  local cmd=(taskset -c "$BENCH_CORE" "$bench" $args "$@" --duration "$DURATION"
+    --server-pid "$server_cpu_pid" --case "$name" --json --quiet)
+  log "$target $name run $run/$RUNS"
+  if timeout $((DURATION * 4 + 120)) "${cmd[@]}" >"$out" 2>"$rundir/last.err"; then
+    return 0
+  fi
+  echo "   failed: $(tail -1 "$rundir/last.err")" >&2
+  rm -f "$out"
+}
+
+passes=$RUNS
+[ "$SUITE" = 1 ] || passes=0
+for run in $(seq "$passes"); do
+  for entry in "${wrs_cases[@]}"; do
+    name=${entry%%|*}
+    start_wrs
+    run_case wrs "$name" "$run" --server "http://127.0.0.1:$WRS_PORT"
+    stop_server
+  done
+done
+for peer in $PEERS; do
+  case $peer in
+    nchan)
+      cases=("${nchan_cases[@]}")
+      target_args=(--label nchan --sub-url "ws://127.0.0.1:$NCHAN_PORT/sub/{channel}"
+        --pub-url "ws://127.0.0.1:$NCHAN_PORT/pub/{channel}")
+      ;;
+    websocat)
+      cases=("${websocat_cases[@]}")
+      target_args=(--label websocat --sub-url "ws://127.0.0.1:$WEBSOCAT_PORT/")
+      ;;
+    *) echo "unknown peer $peer" >&2; exit 2 ;;
+  esac
+  for run in $(seq "$passes"); do
+    for name in "${cases[@]}"; do
+      "start_$peer"
+      run_case "$peer" "$name" "$run" "${target_args[@]}"
+      stop_server
+    done
+  done
+done
+
+# The exact command lines, for the document.
+commands_md=$rundir/commands.md
+{
+  for entry in "${wrs_cases[@]}"; do
+    echo "- \`${entry%%|*}\`: \`wrs-bench ${entry#*|} --duration $DURATION\`"
+  done
+  echo
+  echo "Against a peer, the same command with \`--label nchan --sub-url 'ws://127.0.0.1:$NCHAN_PORT/sub/{channel}' --pub-url 'ws://127.0.0.1:$NCHAN_PORT/pub/{channel}'\`"
+  echo "(cases ${nchan_cases[*]}) or \`--label websocat --sub-url ws://127.0.0.1:$WEBSOCAT_PORT/\`"
+  echo "(cases ${websocat_cases[*]}) instead of \`--server http://127.0.0.1:$WRS_PORT\`. Every run also"
+  echo "gets \`--server-pid PID --case NAME --json --quiet\` and runs under \`taskset -c $BENCH_CORE\`."
+} >"$commands_md"
+
+# --- profile ---------------------------------------------------------------
+profile_md=$rundir/profile.md
+: >"$profile_md"
+if [ "$PROFILE" = 1 ]; then
+  profile_args=(fanout --publishers 1 --subscribers 1000 --size 64)
+  if perf stat -e instructions true >/dev/null 2>&1 &&
+    ! perf stat -e instructions true 2>&1 | grep -q "not supported"; then
+    log "profiling fanout-1k-max with perf (cycles)"
+    start_wrs
+    taskset -c "$BENCH_CORE" "$bench" "${profile_args[@]}" --server "http://127.0.0.1:$WRS_PORT" \
+      --duration "$DURATION" --quiet >"$profiles/perf-run.txt" 2>&1 &
+    bench_pid=$!
+    sleep 3
+    perf record -g -p "$server_pid" -o "$profiles/perf.data" -- sleep 5 >/dev/null 2>&1 || true
+    wait "$bench_pid" || true
+    stop_server
+    {
+      echo "#### perf record (cycles), WRS during \`wrs-bench ${profile_args[*]}\`"
+      echo
+      echo '```'
+      perf report -i "$profiles/perf.data" --stdio --no-children --sort dso,symbol 2>/dev/null |
+        grep -E '^ +[0-9]' | sed -n '1,30p'
+      echo '```'
+    } >>"$profile_md"
+  else
+    # No hardware counters here (a VM): valgrind counts instructions
+    # exactly, whatever else the machine does. Callgrind slows WRS about
+    # 50 times, so the run is short and its rate is not a result.
+    log "profiling fanout-1k-max with callgrind (no hardware counters)"
+    start_wrs valgrind --tool=callgrind --callgrind-out-file="$profiles/callgrind.out" \
+      --dump-instr=no --collect-jumps=no
+    taskset -c "$BENCH_CORE" "$bench" "${profile_args[@]}" --server "http://127.0.0.1:$WRS_PORT" \
+      --duration 5 --warmup-timeout 60 --connect-timeout 30 --drain 30 --json --quiet \
+      >"$profiles/callgrind-run.json" 2>"$profiles/callgrind-run.err" || true
+    # Callgrind writes its counts at exit: give the slowed-down stop time.
+    stop_server 120
+    delivered=$(sed -n 's/.*"delivered":\([0-9]*\).*/\1/p' "$profiles/callgrind-run.json")
+    total_ir=$(callgrind_annotate "$profiles/callgrind.out" 2>/dev/null |
+      sed -n 's/^ *\([0-9,]*\) (100.0%) *PROGRAM TOTALS.*/\1/p' | tr -d ,)
+    {
+      echo "#### callgrind (instructions, user space only), WRS during \`wrs-bench ${profile_args[*]} --duration 5\`"
+      echo
+      if [ -n "$delivered" ] && [ -n "$total_ir" ] && [ "$delivered" -gt 0 ]; then
+        echo "$total_ir instructions for $delivered deliveries (start, 1 001 connects and teardown included):" \
+          "**$((total_ir / delivered)) instructions per delivery**."
+        echo
+      fi
+      echo "Top functions by exclusive instruction count:"
+      echo
+      echo '```'
+      callgrind_annotate --inclusive=no "$profiles/callgrind.out" 2>/dev/null |
+        sed -n '/^Ir/,$p' | grep -E '^ *[0-9]' | sed -n '1,25p' | sed 's/ \[[^]]*\]$//'
+      echo '```'
+      echo
+    } >>"$profile_md"
+    # Callgrind sees no kernel time; where the machine allows software
+    # sampling, perf's cpu-clock shows the whole picture.
+    if perf record -e cpu-clock -o "$profiles/perf-probe.data" -- true >/dev/null 2>&1; then
+      for case_name in fanout-1k-max fanout-1k-40; do
+        log "sampling $case_name with perf cpu-clock (kernel and user)"
+        start_wrs
+        # shellcheck disable=SC2046 # split the case's arguments
+        taskset -c "$BENCH_CORE" "$bench" $(case_args "$case_name") \
+          --server "http://127.0.0.1:$WRS_PORT" --duration 8 --quiet \
+          >"$profiles/perf-$case_name.txt" 2>&1 &
+        bench_pid=$!
+        sleep 3
+        perf record -e cpu-clock -g -p "$server_pid" -o "$profiles/perf-$case_name.data" \
+          -- sleep 4 >/dev/null 2>&1 || true
+        wait "$bench_pid" || true
+        stop_server
+        {
+          echo "#### perf cpu-clock samples of WRS during $case_name (\`wrs-bench $(case_args "$case_name")\`)"
+          echo
+          echo '```'
+          perf report -i "$profiles/perf-$case_name.data" --stdio --no-children \
+            --sort dso,symbol 2>/dev/null | grep -E '^ +[0-9]' | sed -n '1,30p' |
+            sed -E 's/ +$//; s/ +- +- *$//'
+          echo '```'
+          echo
+        } >>"$profile_md"
+      done
+    fi
+  fi
+fi
+
+# --- the document -----------------------------------------------------------
+log "writing $OUT"
+summary=$("$bench" summarize "$results")
+cpu_model=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+mem_total=$(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)
+nchan_version=$(dpkg-query -W -f '${Version}' libnginx-mod-nchan 2>/dev/null || echo "not installed")
+nginx_version=$(nginx -v 2>&1 | sed 's/.*nginx\///' || echo "not installed")
+websocat_version=$(websocat --version 2>/dev/null | awk '{print $2}' || echo "not installed")
+{
+  cat <<EOF
+# Benchmarks
+
+Written by \`bench/run.sh\` on $(date -u +%Y-%m-%d) — rerun it to reproduce;
+every figure below comes from that one run. How to read them and what the
+profile says: the analysis after the tables.
+
+## Machine and versions
+
+- CPU: $cpu_model, $(nproc) cores; memory $mem_total; kernel $(uname -r)
+- WRS ${WRS_REVISION:-$(git describe --always --dirty 2>/dev/null || echo "(not a git checkout)")} built with $(rustc --version)
+- Nchan: Debian libnginx-mod-nchan $nchan_version on nginx $nginx_version
+  (\`bench/peers/nchan.conf\`: WebSocket publisher and subscriber locations,
+  message buffer of 16, one worker)
+- websocat $websocat_version: \`websocat -t ws-l:127.0.0.1:$WEBSOCAT_PORT broadcast:mirror:\`
+- Open-file limit $(ulimit -n)
+
+## Method
+
+Every server runs alone on core $SERVER_CORE (\`taskset -c $SERVER_CORE\`, WRS with
+\`WRS_LOG=warn\`), the load generator \`wrs-bench\` on core $BENCH_CORE (\`taskset -c $BENCH_CORE\`,
+one thread). Each case runs $RUNS times for $DURATION s against a freshly started
+server; rates, latencies and CPU figures are medians, lost / duplicated /
+reordered messages and errors the worst run. "Server CPU / delivery" is the
+server's user + system CPU time (\`/proc/PID/stat\`, for Nchan its worker
+process) in the measured window divided by the messages delivered; it stays
+comparable when the load generator, not the server, is the limit ("load
+generator saturated" in the notes: bench CPU near 100 %). Latency is from the
+publisher's send to the subscriber's read, both in the load generator.
+At the maximum rate each publisher stays at most 256 messages ahead of its
+slowest subscriber, so latency there is mostly that backlog.
+
+Commands:
+
+EOF
+  cat "$commands_md"
+  echo
+  echo "## Results"
+  echo
+  echo "$summary"
+  echo
+  echo "## Profile"
+  echo
+  if [ -s "$profile_md" ]; then cat "$profile_md"; else echo "Not profiled (PROFILE=0)."; fi
+  echo
+  if [ -f bench/analysis.md ]; then cat bench/analysis.md; fi
+} >"$OUT"
+log "done: $OUT"

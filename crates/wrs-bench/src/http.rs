@@ -1,0 +1,256 @@
+//! A minimal HTTP/1.1 keep-alive client for the WRS REST API.
+//!
+//! One connection, one request at a time, bodies framed by
+//! `Content-Length` (or chunked). That is all `POST /channels` and
+//! `DELETE /channels/{id}` need, and it keeps the churn scenario's cost
+//! per request in the server rather than in the client.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Largest response head or body accepted.
+const MAX_RESPONSE: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, Error)]
+pub enum HttpError {
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("malformed response: {0}")]
+    Malformed(&'static str),
+    #[error("request timed out")]
+    Timeout,
+}
+
+/// A response: status and body.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// A keep-alive connection that reconnects when the server closed it.
+pub struct HttpClient {
+    addr: SocketAddr,
+    host: String,
+    stream: Option<TcpStream>,
+    buf: Vec<u8>,
+    timeout: Duration,
+}
+
+impl HttpClient {
+    pub fn new(addr: SocketAddr, host: String, timeout: Duration) -> Self {
+        Self {
+            addr,
+            host,
+            stream: None,
+            buf: Vec::with_capacity(4096),
+            timeout,
+        }
+    }
+
+    /// Sends one request and reads its response, within the timeout.
+    ///
+    /// # Errors
+    ///
+    /// I/O errors, a malformed response, or the timeout.
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Response, HttpError> {
+        let result = tokio::time::timeout(self.timeout, self.exchange(method, path, body)).await;
+        match result {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(error)) => {
+                self.stream = None;
+                Err(error)
+            }
+            Err(_) => {
+                self.stream = None;
+                Err(HttpError::Timeout)
+            }
+        }
+    }
+
+    async fn exchange(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Response, HttpError> {
+        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.host);
+        if let Some(body) = body {
+            request.push_str("Content-Type: application/json\r\n");
+            request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        request.push_str("\r\n");
+        let mut wire = request.into_bytes();
+        wire.extend_from_slice(body.unwrap_or_default());
+        if self.stream.is_none() {
+            let stream = TcpStream::connect(self.addr).await?;
+            stream.set_nodelay(true)?;
+            self.stream = Some(stream);
+            self.buf.clear();
+        }
+        let stream = self.stream.as_mut().expect("connected above");
+        stream.write_all(&wire).await?;
+        let (response, keep_alive) = read_response(stream, &mut self.buf).await?;
+        if !keep_alive {
+            self.stream = None;
+        }
+        Ok(response)
+    }
+}
+
+/// Reads one response from `stream`; `buf` keeps bytes that arrived after
+/// it. Returns the response and whether the connection stays open.
+async fn read_response(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Result<(Response, bool), HttpError> {
+    let head_end = loop {
+        if let Some(end) = memchr::memmem::find(buf, b"\r\n\r\n") {
+            break end + 4;
+        }
+        read_more(stream, buf).await?;
+    };
+    let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| HttpError::Malformed("head"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or(HttpError::Malformed("status line"))?;
+    let mut length = None;
+    let mut chunked = false;
+    let mut keep_alive = status_line.starts_with("HTTP/1.1");
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            length = Some(
+                value
+                    .parse::<usize>()
+                    .map_err(|_| HttpError::Malformed("content-length"))?,
+            );
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = value.eq_ignore_ascii_case("chunked");
+        } else if name.eq_ignore_ascii_case("connection") {
+            keep_alive = !value.eq_ignore_ascii_case("close");
+        }
+    }
+    buf.drain(..head_end);
+    let body = if chunked {
+        read_chunked(stream, buf).await?
+    } else if let Some(length) = length {
+        if length > MAX_RESPONSE {
+            return Err(HttpError::Malformed("body too large"));
+        }
+        while buf.len() < length {
+            read_more(stream, buf).await?;
+        }
+        buf.drain(..length).collect()
+    } else {
+        // Body until the connection closes.
+        keep_alive = false;
+        loop {
+            match read_more(stream, buf).await {
+                Ok(()) => {}
+                Err(HttpError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(e),
+            }
+        }
+        std::mem::take(buf)
+    };
+    Ok((Response { status, body }, keep_alive))
+}
+
+async fn read_chunked(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Vec<u8>, HttpError> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = loop {
+            if let Some(end) = memchr::memmem::find(buf, b"\r\n") {
+                break end;
+            }
+            read_more(stream, buf).await?;
+        };
+        let size_text = std::str::from_utf8(&buf[..line_end])
+            .map_err(|_| HttpError::Malformed("chunk size"))?;
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| HttpError::Malformed("chunk size"))?;
+        if body.len() + size > MAX_RESPONSE {
+            return Err(HttpError::Malformed("body too large"));
+        }
+        buf.drain(..line_end + 2);
+        while buf.len() < size + 2 {
+            read_more(stream, buf).await?;
+        }
+        body.extend_from_slice(&buf[..size]);
+        buf.drain(..size + 2);
+        if size == 0 {
+            return Ok(body);
+        }
+    }
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), HttpError> {
+    if buf.len() > MAX_RESPONSE {
+        return Err(HttpError::Malformed("response too large"));
+    }
+    buf.reserve(4096);
+    if stream.read_buf(buf).await? == 0 {
+        return Err(HttpError::Io(io::ErrorKind::UnexpectedEof.into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    async fn serve_once(response: &'static [u8]) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = vec![0u8; 4096];
+            let _ = socket.read(&mut request).await.unwrap();
+            socket.write_all(response).await.unwrap();
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn reads_content_length_bodies() {
+        let addr =
+            serve_once(b"HTTP/1.1 201 Created\r\ncontent-length: 11\r\n\r\n{\"a\":true}\n").await;
+        let mut client = HttpClient::new(addr, "x".into(), Duration::from_secs(5));
+        let response = client
+            .request("POST", "/channels", Some(b"{}"))
+            .await
+            .unwrap();
+        assert_eq!(response.status, 201);
+        assert_eq!(response.body, b"{\"a\":true}\n");
+    }
+
+    #[tokio::test]
+    async fn reads_chunked_bodies() {
+        let addr = serve_once(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        )
+        .await;
+        let mut client = HttpClient::new(addr, "x".into(), Duration::from_secs(5));
+        let response = client.request("GET", "/", None).await.unwrap();
+        assert_eq!(response.body, b"abcde");
+    }
+}

@@ -1,0 +1,135 @@
+//! `wrs-bench`: the load generator for WRS and, through URL templates,
+//! other WebSocket relays.
+//!
+//! Every scenario is bounded in time, talks only to the relay it is given
+//! (loopback in our runs), and ends with a report: a table for people or
+//! one JSON object (`--json`). `summarize` turns a directory of JSON
+//! reports into the Markdown tables of `docs/benchmarks.md`.
+
+mod harness;
+mod http;
+mod payload;
+mod procfs;
+mod report;
+mod rng;
+mod scenario;
+mod summary;
+mod target;
+mod track;
+mod ws;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use harness::Common;
+use scenario::{churn, echo, fanout, idle, pushpull};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "wrs-bench",
+    version,
+    about = "Load generator for WRS and other WebSocket relays"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// P publishers -> S subscribers (pub-sub); works with URL templates.
+    Fanout(fanout::FanoutArgs),
+    /// P producers -> W workers (push-pull or fan-in-out): exactly once and
+    /// fairness.
+    Pushpull(pushpull::PushPullArgs),
+    /// C clients on echo channels, K messages in flight each.
+    Echo(echo::EchoArgs),
+    /// C requester/responder pairs (req-repl or fan-in-out), K requests in
+    /// flight each.
+    Reqrep(echo::ReqRepArgs),
+    /// N idle connections held for the duration; server RSS per connection.
+    Idle(idle::IdleArgs),
+    /// REST create/delete req/s, and create -> connect -> send -> delete
+    /// cycles.
+    Churn(churn::ChurnArgs),
+    /// Reads JSON reports from a directory and prints Markdown tables with
+    /// medians per case and target and the ratios WRS / peer.
+    Summarize {
+        /// Directory of `*.json` reports.
+        dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Summarize { dir } = &cli.command {
+        return match summary::summarize(dir) {
+            Ok(markdown) => {
+                print!("{markdown}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("wrs-bench: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Err(error) = procfs::raise_nofile_limit() {
+        eprintln!("wrs-bench: cannot raise the open-file limit: {error}");
+    }
+    let runtime = if cli.common.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cli.common.threads)
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("wrs-bench: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let common = &cli.common;
+    let result = runtime.block_on(async {
+        match &cli.command {
+            Command::Fanout(args) => fanout::run(common, args).await,
+            Command::Pushpull(args) => pushpull::run(common, args).await,
+            Command::Echo(args) => echo::run_echo(common, args).await,
+            Command::Reqrep(args) => echo::run_reqrep(common, args).await,
+            Command::Idle(args) => idle::run(common, args).await,
+            Command::Churn(args) => churn::run(common, args).await,
+            Command::Summarize { .. } => unreachable!("handled above"),
+        }
+    });
+    // Connections still open are closed by the runtime's shutdown.
+    runtime.shutdown_background();
+    match result {
+        Ok(report) => {
+            if common.json {
+                match serde_json::to_string(&report) {
+                    Ok(json) => println!("{json}"),
+                    Err(error) => {
+                        eprintln!("wrs-bench: cannot encode the report: {error}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                print!("{}", report.to_table());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("wrs-bench: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

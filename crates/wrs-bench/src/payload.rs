@@ -1,0 +1,218 @@
+//! What every benchmark message carries: who sent it, its sequence number
+//! and when it was sent, as a fixed 40-character ASCII header, padded to the
+//! requested message size.
+//!
+//! The header is plain text so any relay passes it unchanged, text-only
+//! ones included. For the request/reply patterns the same header travels
+//! inside a JSON object, in the field `"b"`:
+//! `{"type":"request","b":"<header><padding>"}`.
+//!
+//! Times are nanoseconds since this process started ([`now_ns`]); senders
+//! and receivers live in the same process, so latency is one subtraction.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+/// Length of the header.
+pub const HEADER_LEN: usize = 40;
+/// Smallest payload that holds a header inside the request JSON.
+pub const MIN_JSON_SIZE: usize = HEADER_LEN + REQUEST_PREFIX.len() + 2;
+const REQUEST_PREFIX: &[u8] = br#"{"type":"request","b":""#;
+const FIELD: &[u8] = br#""b":""#;
+const ORIGIN: &[u8] = br#""origin":""#;
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Nanoseconds since the first call in this process.
+pub fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// Whether a message belongs to the measurement or to the warm-up that
+/// proves every receiver is subscribed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Measure,
+    Warmup,
+}
+
+/// The decoded header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    pub kind: Kind,
+    /// Index of the sending client (< 2^28).
+    pub source: u32,
+    pub seq: u64,
+    pub sent_ns: u64,
+}
+
+impl Stamp {
+    /// Writes the 40-byte header.
+    pub fn write(&self, out: &mut [u8; HEADER_LEN]) {
+        out[0] = match self.kind {
+            Kind::Measure => b'M',
+            Kind::Warmup => b'W',
+        };
+        hex(u64::from(self.source), &mut out[1..8]);
+        hex(self.seq, &mut out[8..24]);
+        hex(self.sent_ns, &mut out[24..40]);
+    }
+
+    /// Reads a header from the start of `bytes`.
+    pub fn read(bytes: &[u8]) -> Option<Self> {
+        let header = bytes.get(..HEADER_LEN)?;
+        let kind = match header[0] {
+            b'M' => Kind::Measure,
+            b'W' => Kind::Warmup,
+            _ => return None,
+        };
+        Some(Self {
+            kind,
+            source: u32::try_from(unhex(&header[1..8])?).ok()?,
+            seq: unhex(&header[8..24])?,
+            sent_ns: unhex(&header[24..40])?,
+        })
+    }
+
+    /// Reads the header of a plain message or of a request/reply JSON
+    /// object (the value of its `"b"` field).
+    pub fn find(payload: &[u8]) -> Option<Self> {
+        if payload.first() == Some(&b'{') {
+            let at = memchr::memmem::find(payload, FIELD)? + FIELD.len();
+            Self::read(&payload[at..])
+        } else {
+            Self::read(payload)
+        }
+    }
+}
+
+fn hex(mut value: u64, out: &mut [u8]) {
+    for slot in out.iter_mut().rev() {
+        *slot = HEX[(value & 0xF) as usize];
+        value >>= 4;
+    }
+}
+
+fn unhex(digits: &[u8]) -> Option<u64> {
+    digits.iter().try_fold(0u64, |acc, &d| {
+        let v = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            _ => return None,
+        };
+        Some(acc << 4 | u64::from(v))
+    })
+}
+
+/// Builds messages of one fixed size; the padding is written once.
+#[derive(Clone, Debug)]
+pub struct Composer {
+    buf: Vec<u8>,
+    /// Where the header goes in `buf`.
+    at: usize,
+}
+
+impl Composer {
+    /// Plain messages of exactly `size` bytes (at least the header).
+    pub fn plain(size: usize) -> Self {
+        Self {
+            buf: vec![b'.'; size.max(HEADER_LEN)],
+            at: 0,
+        }
+    }
+
+    /// Request objects of exactly `size` bytes (at least
+    /// [`MIN_JSON_SIZE`]).
+    pub fn request(size: usize) -> Self {
+        let size = size.max(MIN_JSON_SIZE);
+        let mut buf = Vec::with_capacity(size);
+        buf.extend_from_slice(REQUEST_PREFIX);
+        buf.resize(size - 2, b'.');
+        buf.extend_from_slice(b"\"}");
+        Self {
+            buf,
+            at: REQUEST_PREFIX.len(),
+        }
+    }
+
+    /// The message for this stamp; valid until the next call.
+    pub fn compose(&mut self, stamp: &Stamp) -> &[u8] {
+        let header: &mut [u8; HEADER_LEN] = (&mut self.buf[self.at..self.at + HEADER_LEN])
+            .try_into()
+            .expect("the buffer always holds a header");
+        stamp.write(header);
+        &self.buf
+    }
+}
+
+/// Turns a request a responder received into its reply:
+/// `{"type":"reply","origin":"<origin>","b":"<body>"}`, keeping the body.
+/// Returns `None` for a frame without an origin or body.
+pub fn reply_to(request: &[u8], out: &mut Vec<u8>) -> Option<()> {
+    let origin_at = memchr::memmem::find(request, ORIGIN)? + ORIGIN.len();
+    let origin_len = memchr::memchr(b'"', &request[origin_at..])?;
+    let body_at = memchr::memmem::find(request, FIELD)? + FIELD.len();
+    let body_len = memchr::memchr(b'"', &request[body_at..])?;
+    out.clear();
+    out.extend_from_slice(br#"{"type":"reply","origin":""#);
+    out.extend_from_slice(&request[origin_at..origin_at + origin_len]);
+    out.extend_from_slice(br#"","b":""#);
+    out.extend_from_slice(&request[body_at..body_at + body_len]);
+    out.extend_from_slice(b"\"}");
+    Some(())
+}
+
+/// Whether a request/reply frame is a reply (as opposed to a request).
+pub fn is_reply(payload: &[u8]) -> bool {
+    memchr::memmem::find(payload, br#""type":"reply""#).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp(seq: u64) -> Stamp {
+        Stamp {
+            kind: Kind::Measure,
+            source: 0x00AB_CDEF,
+            seq,
+            sent_ns: 123_456_789,
+        }
+    }
+
+    #[test]
+    fn plain_messages_round_trip_at_their_size() {
+        let mut composer = Composer::plain(64);
+        let message = composer.compose(&stamp(42)).to_vec();
+        assert_eq!(message.len(), 64);
+        assert_eq!(Stamp::find(&message), Some(stamp(42)));
+        assert!(message.is_ascii());
+    }
+
+    #[test]
+    fn requests_are_json_and_replies_keep_the_body() {
+        let mut composer = Composer::request(100);
+        let request = composer.compose(&stamp(7)).to_vec();
+        assert_eq!(request.len(), 100);
+        let value: serde_json::Value = serde_json::from_slice(&request).unwrap();
+        assert_eq!(value["type"], "request");
+        // The relay appends the origin, as WRS does.
+        let mut stamped = request[..request.len() - 1].to_vec();
+        stamped.extend_from_slice(br#","origin":"AB12-CD34"}"#);
+        assert_eq!(Stamp::find(&stamped), Some(stamp(7)));
+        assert!(!is_reply(&stamped));
+        let mut reply = Vec::new();
+        reply_to(&stamped, &mut reply).unwrap();
+        let value: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+        assert_eq!(value["origin"], "AB12-CD34");
+        assert!(is_reply(&reply));
+        assert_eq!(Stamp::find(&reply), Some(stamp(7)));
+    }
+
+    #[test]
+    fn rejects_foreign_payloads() {
+        assert_eq!(Stamp::find(b"hello"), None);
+        assert_eq!(Stamp::find(&[b'M'; 40]), None);
+        assert_eq!(Stamp::find(br#"{"type":"error"}"#), None);
+    }
+}
