@@ -58,6 +58,7 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
 }
 have taskset || apt_install util-linux
+have pgrep || apt_install procps
 case " $PEERS " in
   *" nchan "*)
     if ! have nginx || [ ! -e /usr/lib/nginx/modules/ngx_nchan_module.so ]; then
@@ -70,7 +71,8 @@ case " $PEERS " in
   *" websocat "*)
     if ! have websocat; then
       log "installing websocat $WEBSOCAT_VERSION (cargo install)"
-      cargo install --quiet --locked websocat --version "$WEBSOCAT_VERSION"
+      cargo install --quiet --locked websocat --version "$WEBSOCAT_VERSION" ||
+        cargo install --quiet websocat --version "$WEBSOCAT_VERSION"
     fi
     export PATH="$HOME/.cargo/bin:$PATH"
     ;;
