@@ -35,6 +35,9 @@ pub enum LogFormat {
     after_help = "Documentation: README.md, and GET / on a running server."
 )]
 pub struct Config {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Port for the REST API and WebSocket connections (0 = pick a free port).
     #[arg(
         short = 'p',
@@ -206,6 +209,18 @@ pub struct Config {
     /// Log filter, e.g. `info` or `wrs=debug` [default: RUST_LOG, else info].
     #[arg(long = "log", env = "WRS_LOG")]
     pub log: Option<String>,
+}
+
+/// What to run instead of the service.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum Command {
+    /// Ask this node's /healthz (on loopback, with the same configuration)
+    /// and exit 0 if it answers 200 — for container health checks.
+    Healthcheck {
+        /// Path to probe, e.g. /readyz.
+        #[arg(long, default_value = "/healthz")]
+        path: String,
+    },
 }
 
 /// A configuration that cannot be used, or a request for help text.

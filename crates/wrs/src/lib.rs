@@ -19,6 +19,7 @@ pub mod config;
 pub mod http;
 pub mod listen;
 pub mod metrics;
+pub mod probe;
 pub mod relay;
 pub mod telemetry;
 pub mod tls;

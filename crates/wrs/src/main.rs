@@ -17,6 +17,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(wrs::config::Command::Healthcheck { path }) = &config.command {
+        return healthcheck(&config, path);
+    }
     wrs::telemetry::init(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -50,6 +53,27 @@ fn main() -> ExitCode {
         server.shutdown().await;
         ExitCode::SUCCESS
     })
+}
+
+/// `wrs healthcheck`: one line on failure, exit 0 or 1.
+fn healthcheck(config: &wrs::Config, path: &str) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("wrs healthcheck: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(wrs::probe::healthcheck(config, path)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(reason) => {
+            eprintln!("wrs healthcheck: unhealthy: {reason}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// SIGTERM and SIGINT (Ctrl-C), listened to from the moment of install.

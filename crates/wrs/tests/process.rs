@@ -446,3 +446,41 @@ async fn human_logs_are_the_default() {
         .unwrap();
     assert_eq!(bounded("exit", child.wait()).await.unwrap().code(), Some(0));
 }
+
+#[tokio::test]
+async fn healthcheck_probes_the_node_with_its_own_configuration() {
+    // Nothing listening: unhealthy, one line, exit 1.
+    let port = common::nats::free_port().to_string();
+    let (code, _, stderr) = run_to_end(&["healthcheck"], &[("WRS_API_PORT", &port)]).await;
+    assert_eq!(code, 1);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("wrs healthcheck: unhealthy: cannot connect"),
+        "{stderr}"
+    );
+    // A node whose every route needs the API token: the probe sends it.
+    let server = TestServer::with(|c| {
+        c.auth = true;
+        c.auth_token = Some(wrs::config::Secret::new("probe-token"));
+    })
+    .await;
+    let port = server.addr.port().to_string();
+    let env = [
+        ("WRS_API_PORT", port.as_str()),
+        ("WRS_AUTH", "true"),
+        ("WRS_AUTH_TOKEN", "probe-token"),
+    ];
+    let (code, _, stderr) = run_to_end(&["healthcheck"], &env).await;
+    assert_eq!(code, 0, "{stderr}");
+    // /readyz can be probed too; a wrong token is unhealthy.
+    let (code, _, _) = run_to_end(&["healthcheck", "--path", "/readyz"], &env).await;
+    assert_eq!(code, 0);
+    let wrong = [
+        ("WRS_API_PORT", port.as_str()),
+        ("WRS_AUTH", "true"),
+        ("WRS_AUTH_TOKEN", "wrong"),
+    ];
+    let (code, _, stderr) = run_to_end(&["healthcheck"], &wrong).await;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("answered 401"), "{stderr}");
+}

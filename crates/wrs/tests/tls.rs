@@ -278,3 +278,17 @@ async fn public_ssl_makes_links_https_without_serving_tls() {
     let (_, service) = server.get("/service").await;
     assert_eq!(service["data"]["name"], "wrs");
 }
+
+#[tokio::test]
+async fn healthcheck_speaks_tls_to_a_tls_node() {
+    let cert = Cert::new();
+    let server = tls_server(&cert).await;
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_wrs"))
+        .arg("healthcheck")
+        .env("WRS_API_PORT", server.addr.port().to_string())
+        .env("WRS_SSL", "true")
+        .env("WRS_SSL_CERT_PATH", cert.dir.path().join("cert.pem"))
+        .env("WRS_SSL_KEY_PATH", cert.dir.path().join("key.pem"))
+        .status();
+    assert!(bounded("healthcheck", status).await.unwrap().success());
+}
