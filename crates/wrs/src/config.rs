@@ -105,6 +105,11 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(0..=600_000))]
     pub shutdown_timeout_ms: u64,
 
+    /// How long a client may take to send an HTTP request's headers, in ms; slower connections are closed (100-600000).
+    #[arg(long, env = "WRS_HEADER_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub header_timeout_ms: u64,
+
     /// This node's id in metadata and logs [default: host name plus a random suffix].
     #[arg(long, env = "WRS_NODE_ID", value_parser = parse_node_id)]
     pub node_id: Option<String>,
@@ -352,6 +357,10 @@ impl Config {
         Duration::from_millis(self.shutdown_timeout_ms)
     }
 
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms)
+    }
+
     /// How to join the cluster, when `WRS_NATS_URL` is set.
     pub fn cluster_settings(&self, node_id: &str) -> Option<crate::cluster::ClusterSettings> {
         let urls = self.nats_url.clone()?;
@@ -370,6 +379,7 @@ impl Config {
             kv_replicas: usize::from(self.nats_kv_replicas),
             heartbeat: Duration::from_millis(self.cluster_heartbeat_ms),
             connect_timeout: Duration::from_millis(self.nats_connect_timeout_ms),
+            max_message_bytes: self.max_message_bytes as usize,
         })
     }
 

@@ -682,6 +682,10 @@ async fn nats_outage_makes_nodes_unready_and_delivery_resumes_after() {
     );
 }
 
+/// Bound for one step of a NATS server failover (reconnect, leader
+/// elections), which the shared `WAIT` does not cover on a loaded machine.
+const FAILOVER: Duration = Duration::from_secs(40);
+
 #[tokio::test]
 async fn losing_one_of_three_nats_servers_loses_no_channel() {
     let mut nats = NatsCluster::start().await;
@@ -696,16 +700,18 @@ async fn losing_one_of_three_nats_servers_loses_no_channel() {
     nats.servers[0].stop().await;
     // The nodes fail over to the remaining servers (readiness is 503 while
     // they reconnect and JetStream elects new leaders), then every channel
-    // is still there, from either node, and usable across nodes.
+    // is still there, from either node, and usable across nodes. Leader
+    // elections take seconds, longer on a loaded machine: each step of the
+    // failover gets `FAILOVER`.
     for node in [&a, &b] {
-        eventually("ready after failover", || async {
+        eventually_within(FAILOVER, "ready after failover", || async {
             (node.get("/readyz").await.0 == StatusCode::OK).then_some(())
         })
         .await;
     }
     for channel in &channels {
         for node in [&a, &b] {
-            eventually("channel readable", || async {
+            eventually_within(FAILOVER, "channel readable", || async {
                 (node.get(&format!("/channels/{}", channel.id)).await.0 == StatusCode::OK)
                     .then_some(())
             })
@@ -726,7 +732,7 @@ async fn losing_one_of_three_nats_servers_loses_no_channel() {
 
 /// Connects, retrying on 503 (the node is failing over).
 async fn connect_retrying(url: &str) -> Ws {
-    bounded("connect after failover", async {
+    within(FAILOVER, "connect after failover", async {
         loop {
             match tokio_tungstenite::connect_async(url).await {
                 Ok((stream, _)) => return Ws { stream },
@@ -761,4 +767,96 @@ async fn nats_token_auth_is_used_and_wrong_credentials_stop_the_start() {
     config.nats_connect_timeout_ms = 1_000;
     let error = wrs::start(config).await.unwrap_err().to_string();
     assert!(error.contains("NATS"), "{error}");
+}
+
+#[tokio::test]
+async fn nodes_starting_together_on_replicated_buckets_all_join() {
+    // The first deploy of a cluster: every node finds no buckets and
+    // creates them at the same moment, replicated over three NATS servers.
+    // Updating a replicated bucket another node is still creating stalls
+    // NATS for 10 s; a node must open what exists and create only what is
+    // missing, so all three join well within their connect timeout.
+    let nats = NatsCluster::start().await;
+    nats.wait_for_jetstream().await;
+    let mut options = NodeOptions::new(nats.urls());
+    options.replicas = 3;
+    options.connect_timeout_ms = 8_000;
+    let (a, b, c) = tokio::join!(
+        node(&options, "node-a"),
+        node(&options, "node-b"),
+        node(&options, "node-c")
+    );
+    let channel = a.create_pattern("pub-sub").await;
+    for server in [&b, &c] {
+        assert_eq!(
+            server.get(&format!("/channels/{}", channel.id)).await.0,
+            StatusCode::OK
+        );
+    }
+    eventually("every node listed", || async {
+        (cluster_ids(&c).await == ["node-a", "node-b", "node-c"]).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_nats_that_cannot_carry_the_largest_message_stops_the_start() {
+    // NATS's default max_payload is 1 MiB; WRS's largest message is 1 MiB
+    // plus headers. Starting would lose such messages between nodes.
+    let nats = NatsServer::start_with_default_payload().await;
+    let mut config = wrs::Config::for_tests();
+    config.nats_url = Some(nats.url());
+    config.max_message_bytes = 1_048_576;
+    let error = wrs::start(config).await.unwrap_err().to_string();
+    assert!(
+        error.contains("max_payload is 1048576 bytes")
+            && error.contains("WRS_MAX_MESSAGE_BYTES=1048576 needs 1049600")
+            && error.contains("max_payload: 2MB")
+            && error.contains("at most 1047552"),
+        "{error}"
+    );
+    // A limit that fits starts, and a message of exactly that size crosses.
+    let options = NodeOptions::new(nats.url());
+    let limit = 1_047_552;
+    let node = |id: &'static str| {
+        let (urls, prefix) = (options.urls.clone(), options.prefix.clone());
+        TestServer::with(move |c| {
+            c.nats_url = Some(urls);
+            c.cluster = prefix;
+            c.node_id = Some(id.to_owned());
+            c.max_message_bytes = limit;
+        })
+    };
+    let (a, b) = (node("node-a").await, node("node-b").await);
+    let channel = a.create_pattern("pub-sub").await;
+    let mut x = a.connect(&channel).await;
+    let mut y = b.connect(&channel).await;
+    wait_everywhere(&[&a, &b], &channel.id, 2).await;
+    let big = "x".repeat(limit as usize);
+    x.send_text(&big).await;
+    assert_eq!(y.recv_text().await.len(), big.len());
+}
+
+#[tokio::test]
+async fn a_node_with_new_settings_updates_the_existing_buckets() {
+    let nats = NatsServer::start().await;
+    let mut options = NodeOptions::new(nats.url());
+    let a = node(&options, "node-a").await;
+    let channel = a.create_pattern("pub-sub").await;
+    // Restarted with a longer heartbeat: the nodes bucket's entries must
+    // live longer (30 heartbeats), so the bucket is updated, not recreated.
+    options.heartbeat_ms = 400;
+    let b = node(&options, "node-b").await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let jetstream = async_nats::jetstream::new(client);
+    let mut stream = jetstream
+        .get_stream(format!("KV_{}-nodes", options.prefix))
+        .await
+        .unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.config.max_age, Duration::from_millis(400 * 30));
+    assert_eq!(
+        b.get(&format!("/channels/{}", channel.id)).await.0,
+        StatusCode::OK
+    );
 }

@@ -1725,6 +1725,14 @@ async fn status_of(http: &reqwest::Client, url: &str) -> Option<u16> {
     Some(response.status().as_u16())
 }
 
+async fn json_of(http: &reqwest::Client, url: &str) -> Option<Value> {
+    let response = tokio::time::timeout(Duration::from_secs(3), http.get(url).send())
+        .await
+        .ok()?
+        .ok()?;
+    response.json().await.ok()
+}
+
 /// Replaces `from` by `to`, insisting that `from` occurs exactly `times`.
 fn replace_checked(text: &str, from: &str, to: &str, times: usize) -> String {
     let found = text.matches(from).count();
@@ -1910,24 +1918,23 @@ async fn kubernetes_nats_config_runs_a_jetstream_cluster_for_wrs_nodes() {
             .await;
         nodes.push(format!("127.0.0.1:{port}"));
     }
-    let cluster: Value = http
-        .get(format!("http://{}/cluster", nodes[0]))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let ids: BTreeSet<&str> = cluster["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|n| n["id"].as_str())
-        .collect();
-    assert!(
-        ids.contains("wrs-5f7d9c-abcde") && ids.contains("wrs-5f7d9c-fghij"),
-        "/cluster lists {ids:?}"
-    );
+    // Heartbeats travel through the KV watch, so the first node learns of
+    // the second a moment after the second reports ready.
+    let members = format!("http://{}/cluster", nodes[0]);
+    processes
+        .wait(&format!("{members} lists both pods"), || async {
+            let Some(cluster) = json_of(&http, &members).await else {
+                return false;
+            };
+            let ids: BTreeSet<&str> = cluster["data"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|n| n["id"].as_str())
+                .collect();
+            ids == BTreeSet::from(["wrs-5f7d9c-abcde", "wrs-5f7d9c-fghij"])
+        })
+        .await;
 
     // A pub-sub message of the largest allowed size crosses nodes.
     let created: Value = http

@@ -14,6 +14,7 @@ use serde_json::Value;
 
 const README: &str = include_str!("../../../README.md");
 const NGINX_CONF: &str = include_str!("../../../deploy/nginx/wrs-cluster.conf");
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 
 /// The first two `sh` blocks under "## Running a cluster".
 fn recipe() -> (String, String) {
@@ -92,9 +93,14 @@ async fn the_cluster_recipe_works_as_written() {
         .replace(
             "\"$PWD/deploy/nginx/wrs-cluster.conf\"",
             &format!("\"{}\"", conf.display()),
+        )
+        .replace(
+            "\"$PWD/deploy/nats/wrs.conf\"",
+            &format!("\"{ROOT}/deploy/nats/wrs.conf\""),
         );
     assert!(
         script.contains("nats-server -js")
+            && script.contains(&format!("-c \"{ROOT}/deploy/nats/wrs.conf\""))
             && script.matches("WRS_NATS_URL").count() == 3
             && script.contains("nginx -p")
     );

@@ -66,13 +66,32 @@ pub struct ClusterSettings {
     pub heartbeat: Duration,
     /// How long to keep trying the first connection.
     pub connect_timeout: Duration,
+    /// The largest client message (`WRS_MAX_MESSAGE_BYTES`): NATS must
+    /// carry it with its headers.
+    pub max_message_bytes: usize,
 }
+
+/// Room for the headers WRS puts on a relayed message (channel id, sender,
+/// kind, target, mode: well under 300 bytes).
+pub const HEADER_ROOM: usize = 1024;
 
 /// Why a cluster operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error("cannot connect to NATS at {urls}: {reason}")]
     Connect { urls: String, reason: String },
+    #[error(
+        "the NATS server's max_payload is {max_payload} bytes, but WRS_MAX_MESSAGE_BYTES={max_message} \
+         needs {needed} with headers: messages that large would be lost between nodes. \
+         Set `max_payload: 2MB` (or more) in the NATS server configuration, \
+         or lower WRS_MAX_MESSAGE_BYTES to at most {fits}"
+    )]
+    PayloadTooSmall {
+        max_payload: usize,
+        max_message: usize,
+        needed: usize,
+        fits: usize,
+    },
     #[error("cannot open the key-value bucket {bucket}: {reason}")]
     Bucket { bucket: String, reason: String },
     #[error("the cluster store is unavailable: {0}")]
@@ -151,6 +170,7 @@ impl Cluster {
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Cluster>, ClusterError> {
         let client = connect_nats(settings).await?;
+        check_max_payload(client.server_info().max_payload, settings.max_message_bytes)?;
         let jetstream = async_nats::jetstream::new(client.clone());
         let bucket = |kind: &str, max_age: Duration| kv::Config {
             bucket: format!("{}-{kind}", settings.prefix),
@@ -162,23 +182,42 @@ impl Cluster {
             ..Default::default()
         };
         // A NATS cluster that is starting needs a moment to elect its
-        // JetStream leader: retry until the connect deadline.
+        // JetStream leader: retry until the connect deadline. Nodes of a
+        // first deploy start together and race to create the buckets;
+        // updating a replicated stream that another node is still creating
+        // stalls, so a bucket that exists is opened as it is, and only a
+        // missing one is created (the loser of a race then opens it).
         let deadline = Instant::now() + settings.connect_timeout;
         let open = |config: kv::Config| {
             let jetstream = jetstream.clone();
             async move {
                 let name = config.bucket.clone();
                 loop {
-                    match jetstream.create_or_update_key_value(config.clone()).await {
+                    let attempt = match jetstream.get_key_value(&name).await {
+                        Ok(store) if settings_differ(&store, &config).await => {
+                            info!(bucket = %name, "bucket settings changed; updating the bucket");
+                            jetstream
+                                .update_key_value(config.clone())
+                                .await
+                                .map_err(|e| e.to_string())
+                        }
+                        Ok(store) => Ok(store),
+                        Err(_) => jetstream
+                            .create_key_value(config.clone())
+                            .await
+                            .map_err(|e| e.to_string()),
+                    };
+                    match attempt {
                         Ok(store) => return Ok(store),
                         Err(e) if Instant::now() < deadline => {
                             tracing::debug!(bucket = %name, error = %e, "bucket not ready yet");
-                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            let jitter = rand::random_range(100..400);
+                            tokio::time::sleep(Duration::from_millis(jitter)).await;
                         }
                         Err(e) => {
                             return Err(ClusterError::Bucket {
                                 bucket: name,
-                                reason: e.to_string(),
+                                reason: e,
                             });
                         }
                     }
@@ -871,6 +910,33 @@ fn server_list(urls: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
                 .map_err(|e| format!("{u:?}: {e}"))
         })
         .collect()
+}
+
+/// Refuses a NATS whose `max_payload` cannot carry the largest client
+/// message with its headers: such messages would vanish between nodes.
+fn check_max_payload(max_payload: usize, max_message: usize) -> Result<(), ClusterError> {
+    let needed = max_message + HEADER_ROOM;
+    if max_payload >= needed {
+        return Ok(());
+    }
+    Err(ClusterError::PayloadTooSmall {
+        max_payload,
+        max_message,
+        needed,
+        fits: max_payload.saturating_sub(HEADER_ROOM),
+    })
+}
+
+/// Whether an existing bucket's settings differ from what this node wants
+/// (the operator changed replicas or the heartbeat).
+async fn settings_differ(store: &kv::Store, wanted: &kv::Config) -> bool {
+    let Ok(status) = store.status().await else {
+        return false;
+    };
+    let have = &status.info.config;
+    have.num_replicas != wanted.num_replicas
+        || have.max_age != wanted.max_age
+        || have.max_messages_per_subject != wanted.history
 }
 
 /// Connects to NATS with the configured credentials, retrying until

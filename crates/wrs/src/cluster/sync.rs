@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::jetstream::kv;
 use futures_util::{StreamExt, TryStreamExt};
@@ -23,6 +23,12 @@ use crate::backplane::nats::deliver_inbound;
 use crate::relay::Relay;
 use crate::relay::client::CloseReason;
 use crate::relay::ids::ChannelId;
+
+/// Watches start with the current value of every key, then follow changes:
+/// a watch that only followed changes would miss what was written before it
+/// started (this node's own first heartbeat, rosters changed while a watch
+/// was being set up again).
+const EVERY_KEY: &str = ">";
 
 /// Pause before a failed watch or subscription is set up again.
 const RETRY: Duration = Duration::from_millis(500);
@@ -57,12 +63,16 @@ pub async fn start(
     Ok(())
 }
 
-/// Moves queued messages into the NATS client.
+/// Moves queued messages into the NATS client. A message NATS refuses
+/// (larger than the `max_payload` of the server it is connected to now) is
+/// counted as dropped and logged, at most once per interval.
 async fn publish(
     cluster: Arc<Cluster>,
     mut outgoing: tokio::sync::mpsc::Receiver<super::Outgoing>,
     stop: CancellationToken,
 ) {
+    const WARN_EVERY: Duration = Duration::from_secs(10);
+    let mut last_warning: Option<Instant> = None;
     loop {
         let message = tokio::select! {
             () = stop.cancelled() => return,
@@ -75,8 +85,12 @@ async fn publish(
             .client()
             .publish_with_headers(message.subject, message.headers, message.payload)
             .await;
-        if published.is_err() {
+        if let Err(error) = published {
             cluster.metrics().cluster.dropped.inc();
+            if last_warning.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                last_warning = Some(Instant::now());
+                warn!(%error, "a message could not be published to NATS and was dropped (counted in wrs_cluster_messages_dropped_total)");
+            }
         }
     }
 }
@@ -132,7 +146,7 @@ async fn watch_channels(relay: Arc<Relay>, cluster: Arc<Cluster>, stop: Cancella
                     relay.close_local(channel.id(), CloseReason::ChannelDeleted);
                 }
             }
-            match cluster.channels_store().watch_all().await {
+            match cluster.channels_store().watch_with_history(EVERY_KEY).await {
                 Ok(mut watch) => loop {
                     let entry = tokio::select! {
                         () = stop.cancelled() => return,
@@ -184,7 +198,7 @@ fn apply_channel(relay: &Arc<Relay>, entry: kv::Entry) {
 /// Keeps this node's copy of every channel's cluster roster current.
 async fn watch_members(cluster: Arc<Cluster>, stop: CancellationToken) {
     loop {
-        match cluster.members_store().watch_all().await {
+        match cluster.members_store().watch_with_history(EVERY_KEY).await {
             Ok(mut watch) => loop {
                 let entry = tokio::select! {
                     () = stop.cancelled() => return,
@@ -224,7 +238,7 @@ async fn watch_members(cluster: Arc<Cluster>, stop: CancellationToken) {
 /// Keeps the list of nodes heard from current.
 async fn watch_nodes(cluster: Arc<Cluster>, stop: CancellationToken) {
     loop {
-        match cluster.nodes_store().watch_all().await {
+        match cluster.nodes_store().watch_with_history(EVERY_KEY).await {
             Ok(mut watch) => loop {
                 let entry = tokio::select! {
                     () = stop.cancelled() => return,

@@ -24,19 +24,33 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 /// Awaits `future`, failing the test if it takes longer than [`WAIT`].
 pub async fn bounded<F: Future>(what: &str, future: F) -> F::Output {
-    match tokio::time::timeout(WAIT, future).await {
+    within(WAIT, what, future).await
+}
+
+/// Awaits `future`, failing the test if it takes longer than `limit`.
+pub async fn within<F: Future>(limit: Duration, what: &str, future: F) -> F::Output {
+    match tokio::time::timeout(limit, future).await {
         Ok(output) => output,
-        Err(_) => panic!("timed out after {WAIT:?}: {what}"),
+        Err(_) => panic!("timed out after {limit:?}: {what}"),
     }
 }
 
 /// Polls `check` until it returns `Some`, for at most [`WAIT`].
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    bounded(what, async {
+    eventually_within(WAIT, what, check).await
+}
+
+/// Polls `check` until it returns `Some`, for at most `limit`.
+pub async fn eventually_within<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    within(limit, what, async {
         loop {
             if let Some(value) = check().await {
                 return value;

@@ -41,15 +41,29 @@ impl NatsServer {
         Self::start_with(&[]).await
     }
 
-    /// Starts a server with extra arguments (auth, TLS, clustering).
+    /// Starts a server with extra arguments (auth, TLS, clustering) and a
+    /// `max_payload` of 2 MB, which WRS needs for its default 1 MiB limit.
     pub async fn start_with(extra: &[String]) -> NatsServer {
+        Self::launch(extra, "max_payload: 2MB\n").await
+    }
+
+    /// Starts a server with NATS's default `max_payload` (1 MiB).
+    pub async fn start_with_default_payload() -> NatsServer {
+        Self::launch(&[], "").await
+    }
+
+    async fn launch(extra: &[String], config: &str) -> NatsServer {
         let port = free_port();
         let store = tempfile::tempdir().unwrap();
+        let config_file = store.path().join("nats.conf");
+        std::fs::write(&config_file, config).unwrap();
         let mut args: Vec<String> = ["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"]
             .iter()
             .map(|s| s.to_string())
             .collect();
-        args.push(store.path().display().to_string());
+        args.push(store.path().join("js").display().to_string());
+        args.push("-c".to_owned());
+        args.push(config_file.display().to_string());
         args.extend(extra.iter().cloned());
         let mut server = NatsServer {
             child: None,
@@ -134,6 +148,28 @@ impl NatsCluster {
         NatsCluster { servers }
     }
 
+    /// Waits until JetStream has elected its leaders: a replicated bucket
+    /// can be created (and is deleted again).
+    pub async fn wait_for_jetstream(&self) {
+        let client = async_nats::connect(self.servers[0].url()).await.unwrap();
+        let jetstream = async_nats::jetstream::new(client);
+        let config = async_nats::jetstream::kv::Config {
+            bucket: "warm-up".to_owned(),
+            num_replicas: 3,
+            ..Default::default()
+        };
+        // A fresh cluster elects its JetStream meta leader after ~10 s.
+        let ready = async {
+            while jetstream.create_key_value(config.clone()).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(40), ready)
+            .await
+            .expect("JetStream ready within 40 s");
+        jetstream.delete_key_value("warm-up").await.unwrap();
+    }
+
     /// All client URLs, comma-separated (what `WRS_NATS_URL` takes).
     pub fn urls(&self) -> String {
         self.servers
@@ -150,6 +186,7 @@ pub struct NodeOptions {
     pub prefix: String,
     pub heartbeat_ms: u64,
     pub replicas: u8,
+    pub connect_timeout_ms: u64,
 }
 
 impl NodeOptions {
@@ -160,6 +197,7 @@ impl NodeOptions {
             prefix: format!("t{}", rand::random::<u32>()),
             heartbeat_ms: 200,
             replicas: 1,
+            connect_timeout_ms: 20_000,
         }
     }
 }
@@ -168,13 +206,14 @@ impl NodeOptions {
 pub async fn node(options: &NodeOptions, id: &str) -> TestServer {
     let (urls, prefix, id) = (options.urls.clone(), options.prefix.clone(), id.to_owned());
     let (heartbeat, replicas) = (options.heartbeat_ms, options.replicas);
+    let connect_timeout = options.connect_timeout_ms;
     TestServer::with(move |c| {
         c.nats_url = Some(urls);
         c.cluster = prefix;
         c.node_id = Some(id);
         c.cluster_heartbeat_ms = heartbeat;
         c.nats_kv_replicas = replicas;
-        c.nats_connect_timeout_ms = 20_000;
+        c.nats_connect_timeout_ms = connect_timeout;
     })
     .await
 }
