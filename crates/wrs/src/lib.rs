@@ -21,6 +21,7 @@ pub mod listen;
 pub mod metrics;
 pub mod probe;
 pub mod relay;
+pub mod serve;
 pub mod telemetry;
 pub mod tls;
 pub mod ws;
@@ -120,6 +121,7 @@ pub async fn start(mut config: Config) -> Result<Server, StartError> {
         source,
     })?;
     let shutdown_timeout = config.shutdown_timeout();
+    let header_timeout = config.header_timeout();
     let app = http::router(AppState {
         relay: Arc::clone(&relay),
         config: Arc::new(config),
@@ -133,6 +135,7 @@ pub async fn start(mut config: Config) -> Result<Server, StartError> {
         Arc::clone(&relay),
         stop.clone(),
         shutdown_timeout,
+        header_timeout,
     ));
     info!(address = %local_addr, node = %relay.settings().node_id, "listening");
     Ok(Server {
@@ -170,22 +173,23 @@ async fn run(
     relay: Arc<Relay>,
     stop: CancellationToken,
     shutdown_timeout: std::time::Duration,
+    header_timeout: std::time::Duration,
 ) {
     let http_stop = CancellationToken::new();
-    let service = app.into_make_service_with_connect_info::<listen::PeerAddr>();
-    let graceful = http_stop.clone().cancelled_owned();
     let mut http = match acceptor {
-        None => tokio::spawn(
-            axum::serve(listen::PlainListener(listener), service)
-                .with_graceful_shutdown(graceful)
-                .into_future(),
-        ),
+        None => tokio::spawn(serve::serve(
+            listen::PlainListener(listener),
+            app,
+            header_timeout,
+            http_stop.clone(),
+        )),
         Some(acceptor) => match tls::TlsListener::new(listener, acceptor) {
-            Ok(listener) => tokio::spawn(
-                axum::serve(listener, service)
-                    .with_graceful_shutdown(graceful)
-                    .into_future(),
-            ),
+            Ok(listener) => tokio::spawn(serve::serve(
+                listener,
+                app,
+                header_timeout,
+                http_stop.clone(),
+            )),
             Err(error) => {
                 warn!(%error, "cannot start the TLS listener");
                 return;
@@ -194,7 +198,7 @@ async fn run(
     };
     tokio::select! {
         () = stop.cancelled() => {}
-        result = &mut http => {
+                result = &mut http => {
             warn!(?result, "HTTP server stopped by itself");
             return;
         }

@@ -6,12 +6,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::extract::connect_info::Connected;
-use axum::serve::{IncomingStream, Listener};
+use axum::serve::Listener;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
-
-use crate::tls::TlsListener;
 
 /// A TCP listener that turns on `TCP_NODELAY` (frames are batched per
 /// write already; never wait for more) and backs off when accepting fails,
@@ -43,18 +40,7 @@ impl Listener for PlainListener {
     }
 }
 
-/// The client's address.
+/// The client's address, in every request's extensions as
+/// `ConnectInfo<PeerAddr>` (see [`crate::serve`]).
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub SocketAddr);
-
-impl Connected<IncomingStream<'_, PlainListener>> for PeerAddr {
-    fn connect_info(stream: IncomingStream<'_, PlainListener>) -> Self {
-        PeerAddr(*stream.remote_addr())
-    }
-}
-
-impl Connected<IncomingStream<'_, TlsListener>> for PeerAddr {
-    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
-        PeerAddr(*stream.remote_addr())
-    }
-}

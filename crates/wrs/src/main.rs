@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         return healthcheck(&config, path);
     }
     wrs::telemetry::init(&config);
+    raise_open_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -53,6 +54,16 @@ fn main() -> ExitCode {
         server.shutdown().await;
         ExitCode::SUCCESS
     })
+}
+
+/// Every client is a socket: raise the soft open-file limit to the hard
+/// limit (often 1 024 soft against a far higher hard limit), so the
+/// deployment does not have to.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "open-file limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
+    }
 }
 
 /// `wrs healthcheck`: one line on failure, exit 0 or 1.

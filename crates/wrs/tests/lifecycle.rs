@@ -281,3 +281,23 @@ async fn service_reports_counts_and_never_secrets() {
     assert!(!body.to_string().contains(&channel.token));
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_that_has_seen_101_is_already_a_member() {
+    // No waiting between a connect and its use: once the handshake
+    // response has arrived, the client is listed and messages reach it —
+    // what a browser does in `onopen` must never race the server.
+    let server = TestServer::start().await;
+    let channel = server.create_pattern("pub-sub").await;
+    let mut publisher = server.connect(&channel).await;
+    let mut subscribers = Vec::new();
+    for round in 1..=30u64 {
+        subscribers.push(server.connect(&channel).await);
+        assert_eq!(server.client_count(&channel.id).await, Some(round + 1));
+        let text = format!("round {round}");
+        publisher.send_text(&text).await;
+        for subscriber in &mut subscribers {
+            assert_eq!(subscriber.recv_text().await, text);
+        }
+    }
+}

@@ -43,7 +43,12 @@ struct Process {
 
 impl Process {
     async fn start(env: &[(&str, &str)]) -> Process {
-        let mut child = Command::new(WRS)
+        Self::start_command(Command::new(WRS), env).await
+    }
+
+    /// Starts `command` (which runs `wrs` in the end) like [`Process::start`].
+    async fn start_command(mut command: Command, env: &[(&str, &str)]) -> Process {
+        let mut child = command
             .env("WRS_API_PORT", "0")
             .env("WRS_BIND_ADDRESS", "127.0.0.1")
             .env("WRS_LOG_FORMAT", "json")
@@ -392,7 +397,8 @@ async fn json_logs_record_channel_lifecycle_and_rejections() {
     assert_eq!(rejected["channel"], id.as_str());
     assert_eq!(rejected["reason"], "invalid_token");
     assert_eq!(rejected["status"], 401);
-    assert!(rejected["peer"].as_str().unwrap().contains("127.0.0.1"));
+    let peer: std::net::SocketAddr = rejected["peer"].as_str().unwrap().parse().unwrap();
+    assert_eq!(peer.ip().to_string(), "127.0.0.1");
     // Deleting is logged; the token never is.
     http.http
         .delete(format!("{}/channels/{id}", http.base))
@@ -423,14 +429,17 @@ async fn human_logs_are_the_default() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = bounded("first log line", lines.next_line())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        first.contains("INFO") && first.contains("listening"),
-        "{first}"
-    );
+    // The first lines: the open-file limit, then listening.
+    let first = bounded("listening log line", async {
+        loop {
+            let line = lines.next_line().await.unwrap().unwrap();
+            if line.contains("listening") {
+                return line;
+            }
+        }
+    })
+    .await;
+    assert!(first.contains("INFO"), "{first}");
     assert!(
         serde_json::from_str::<Value>(&first).is_err(),
         "human logs are not JSON"
@@ -483,4 +492,29 @@ async fn healthcheck_probes_the_node_with_its_own_configuration() {
     let (code, _, stderr) = run_to_end(&["healthcheck"], &wrong).await;
     assert_eq!(code, 1);
     assert!(stderr.contains("answered 401"), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_open_file_limit_is_raised_to_the_hard_limit() {
+    // Started with a soft limit of 256 (as a shell with `ulimit -Sn` would):
+    // every client is a socket, so the server raises it by itself.
+    let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
+    assert!(hard > 256, "the hard limit here is {hard}");
+    let mut command = Command::new("bash");
+    command.args(["-c", "ulimit -Sn 256 && exec \"$0\"", WRS]);
+    let mut process = Process::start_command(command, &[]).await;
+    let logged = process
+        .wait_for_log(|l| l["message"] == "open-file limit")
+        .await;
+    assert_eq!(logged["limit"].as_u64(), Some(hard));
+    let limits =
+        std::fs::read_to_string(format!("/proc/{}/limits", process.child.id().unwrap())).unwrap();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap();
+    assert_eq!(soft, hard.to_string());
+    process.signal("TERM");
+    assert_eq!(process.exit_code().await, 0);
 }

@@ -15,6 +15,8 @@ use tracing::{debug, info};
 use super::AppState;
 use super::channels::ChannelPath;
 use super::error::{ApiError, ErrorBody, connect_error};
+use crate::relay::ConnectError;
+use crate::relay::client::CloseReason;
 use crate::ws;
 
 #[derive(Deserialize)]
@@ -53,10 +55,10 @@ pub async fn connect(
             let peer = request
                 .extensions()
                 .get::<ConnectInfo<crate::listen::PeerAddr>>()
-                .map(|info| info.0.0);
+                .map_or_else(|| "-".to_owned(), |info| info.0.0.to_string());
             info!(
                 channel,
-                peer = ?peer,
+                peer,
                 status = error.status().as_u16(),
                 reason = error.code(),
                 "connection rejected"
@@ -88,12 +90,22 @@ async fn upgrade(
         .reserve(&channel)
         .await
         .map_err(|e| connect_error(e, &id))?;
+    let (channel, client) =
+        ws::admit(reservation, &app.relay)
+            .await
+            .map_err(|reason| match reason {
+                CloseReason::ServerShutdown => connect_error(ConnectError::Draining, &id),
+                _ => connect_error(ConnectError::NotFound, &id),
+            })?;
     let on_upgrade = hyper::upgrade::on(&mut *request);
     let relay = Arc::clone(&app.relay);
     app.relay.connections().spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => ws::serve(upgraded, reservation, relay).await,
-            Err(error) => debug!(%error, "upgrade did not complete"),
+            Ok(upgraded) => ws::serve(upgraded, channel, client, relay).await,
+            Err(error) => {
+                debug!(%error, "upgrade did not complete");
+                ws::abandon(&relay, &channel, &client).await;
+            }
         }
     });
     Response::builder()
@@ -103,4 +115,61 @@ async fn upgrade(
         .header(header::SEC_WEBSOCKET_ACCEPT, accept)
         .body(Body::empty())
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tower_service::Service;
+
+    use super::*;
+    use crate::relay::Relay;
+    use crate::relay::channel::ChannelSpec;
+    use crate::relay::pattern::Pattern;
+
+    /// The handler returns 101 only for a client that is already a member:
+    /// this request has no connection behind it, so the upgrade can never
+    /// complete and the member must be removed again.
+    #[tokio::test]
+    async fn a_connect_is_admitted_before_101_and_removed_if_the_upgrade_fails() {
+        let config = crate::Config::for_tests();
+        let relay = Relay::new(config.relay_settings());
+        let mut app = super::super::router(AppState {
+            relay: Arc::clone(&relay),
+            config: Arc::new(config),
+            readme: axum::body::Bytes::new(),
+        });
+        let spec = ChannelSpec {
+            pattern: Pattern::PubSub,
+            client_limit: None,
+            timeout: None,
+            welcome: false,
+        };
+        let (channel, token) = relay.create_channel(spec).await.unwrap();
+        let request = axum::http::Request::get(format!(
+            "/channels/{}/connect?token={}",
+            channel.id(),
+            token.reveal()
+        ))
+        .header(header::UPGRADE, "websocket")
+        .header(header::CONNECTION, "upgrade")
+        .header(header::SEC_WEBSOCKET_KEY, "dGhlIHNhbXBsZSBub25jZQ==")
+        .header(header::SEC_WEBSOCKET_VERSION, "13")
+        .body(Body::empty())
+        .unwrap();
+        let response = app.call(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(channel.client_count(), 1);
+        assert_eq!(relay.metrics().totals().connections_open, 1);
+        // The upgrade fails (no connection): the member leaves.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while channel.client_count() != 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("member removed after the failed upgrade");
+        assert_eq!(relay.metrics().totals().connections_open, 0);
+    }
 }

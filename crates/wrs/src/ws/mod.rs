@@ -41,26 +41,26 @@ const MAX_IOV: usize = 64;
 /// How long the closing handshake may take before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Runs an upgraded connection to completion.
-pub(crate) async fn serve(upgraded: Upgraded, reservation: Reservation, relay: Arc<Relay>) {
-    let channel = Arc::clone(reservation.channel());
-    let limits = relay.settings().queue;
-    let (client, admitted) = match reservation.admit(limits) {
-        Ok((_, client)) => {
-            relay.metrics().connections_open.inc();
-            // Draining began while this upgrade ran: it missed the sweep.
-            if relay.is_draining() {
-                client.outbox.close(CloseReason::ServerShutdown);
-            }
-            (client, true)
-        }
-        Err(reason) => {
-            // The channel closed during the upgrade: tell the client why.
-            let orphan = Arc::new(Client::new(ClientId::random(), limits));
-            orphan.outbox.close(reason);
-            (orphan, false)
-        }
-    };
+/// Makes a reserved place a member of its channel, before the handshake is
+/// answered: once a client sees 101, messages sent to its channel reach it
+/// (they wait in its outbox until its connection task runs). The welcome
+/// frame, if the channel sends one, is queued first.
+///
+/// # Errors
+///
+/// Why the client cannot join: the channel closed since the reservation,
+/// or the server began draining (the client is then removed again).
+pub(crate) async fn admit(
+    reservation: Reservation,
+    relay: &Relay,
+) -> Result<(Arc<Channel>, Arc<Client>), CloseReason> {
+    let (channel, client) = reservation.admit(relay.settings().queue)?;
+    // Draining began after the checks: the drain sweep may have missed it.
+    if relay.is_draining() {
+        relay.leave(&channel, client.id()).await;
+        return Err(CloseReason::ServerShutdown);
+    }
+    relay.metrics().connections_open.inc();
     if channel.spec().welcome {
         relay.offer(
             channel.id(),
@@ -68,7 +68,23 @@ pub(crate) async fn serve(upgraded: Upgraded, reservation: Reservation, relay: A
             codec::encode(OpCode::Text, hello(&channel, client.id()).as_bytes()),
         );
     }
-    debug!(channel = %channel.id(), client = %client.id(), "client connected");
+    debug!(channel = %channel.id(), client = %client.id(), "client admitted");
+    Ok((channel, client))
+}
+
+/// Removes an admitted client whose connection never switched protocols.
+pub(crate) async fn abandon(relay: &Relay, channel: &Arc<Channel>, client: &Client) {
+    relay.leave(channel, client.id()).await;
+    relay.metrics().connections_open.dec();
+}
+
+/// Runs an upgraded connection of an admitted client to completion.
+pub(crate) async fn serve(
+    upgraded: Upgraded,
+    channel: Arc<Channel>,
+    client: Arc<Client>,
+    relay: Arc<Relay>,
+) {
     let ending = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let (reader, writer) = parts.io.into_inner().into_split();
@@ -83,10 +99,8 @@ pub(crate) async fn serve(upgraded: Upgraded, reservation: Reservation, relay: A
                 .await
         }
     };
-    if admitted {
-        relay.leave(&channel, client.id()).await;
-        relay.metrics().connections_open.dec();
-    }
+    relay.leave(&channel, client.id()).await;
+    relay.metrics().connections_open.dec();
     debug!(channel = %channel.id(), client = %client.id(), ending = %ending, "client disconnected");
 }
 
