@@ -37,10 +37,19 @@ fn recipe() -> (String, String) {
 struct Started {
     pids: std::path::PathBuf,
     shell: std::process::Child,
+    /// The recipe's stderr (nginx and the nodes log there), shown only
+    /// when the test fails.
+    stderr: std::path::PathBuf,
 }
 
 impl Drop for Started {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- the recipe's stderr ---\n{}",
+                std::fs::read_to_string(&self.stderr).unwrap_or_default()
+            );
+        }
         let pids: Vec<String> = std::fs::read_to_string(&self.pids)
             .unwrap_or_default()
             .split_whitespace()
@@ -106,6 +115,7 @@ async fn the_cluster_recipe_works_as_written() {
     );
     // Record the PID of each background command, to stop exactly those.
     let pids = dir.path().join("pids");
+    let stderr = dir.path().join("stderr.log");
     let script: String = script
         .lines()
         .map(|line| {
@@ -122,9 +132,14 @@ async fn the_cluster_recipe_works_as_written() {
         .env_remove("RUST_LOG")
         .env("WRS_LOG", "warn")
         .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
         .spawn()
         .expect("bash");
-    let _started = Started { pids, shell };
+    let _started = Started {
+        pids,
+        shell,
+        stderr,
+    };
 
     let http = http_client();
     let lb = format!("http://127.0.0.1:{}", port(8080));
