@@ -41,6 +41,15 @@ pub struct Common {
     /// PID of the server process, for its CPU time and memory.
     #[arg(long, global = true)]
     pub server_pid: Option<u32>,
+    /// Another process of the system under test, as NAME=PID (a cluster
+    /// node, the NATS server); repeatable. Its CPU time in the window is
+    /// shown on its own and added to the server CPU.
+    #[arg(long = "process", global = true, value_parser = parse_process)]
+    pub processes: Vec<(String, u32)>,
+    /// Monitoring URL of a NATS server (`nats-server -m PORT`): the
+    /// messages it received and sent in the window are reported.
+    #[arg(long, global = true)]
+    pub nats_monitor: Option<String>,
     /// Print the report as one JSON object instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -161,10 +170,83 @@ pub fn note_connects(report: &mut Report, opened: &Opened) {
     }
 }
 
+/// `NAME=PID`.
+fn parse_process(value: &str) -> Result<(String, u32), String> {
+    let (name, pid) = value
+        .split_once('=')
+        .ok_or_else(|| format!("{value:?}: expected NAME=PID"))?;
+    let pid = pid
+        .parse()
+        .map_err(|_| format!("{value:?}: {pid:?} is not a PID"))?;
+    if name.is_empty() {
+        return Err(format!("{value:?}: the name is empty"));
+    }
+    Ok((name.to_owned(), pid))
+}
+
+/// Message counters of a NATS server, from its monitoring `/varz`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct NatsCounts {
+    in_msgs: u64,
+    out_msgs: u64,
+}
+
+struct NatsMeter {
+    client: crate::http::HttpClient,
+    start: NatsCounts,
+}
+
+impl NatsMeter {
+    async fn start(url: &str, timeout: Duration) -> anyhow::Result<Self> {
+        let base = WsUrl::parse(url)
+            .await
+            .map_err(|e| anyhow::anyhow!("NATS monitor URL {url}: {e}"))?;
+        let mut client = crate::http::HttpClient::new(base.addr, base.host, timeout);
+        let start = varz(&mut client).await?;
+        Ok(Self { client, start })
+    }
+
+    async fn elapsed(&mut self) -> anyhow::Result<NatsCounts> {
+        let now = varz(&mut self.client).await?;
+        Ok(NatsCounts {
+            in_msgs: now.in_msgs.saturating_sub(self.start.in_msgs),
+            out_msgs: now.out_msgs.saturating_sub(self.start.out_msgs),
+        })
+    }
+}
+
+async fn varz(client: &mut crate::http::HttpClient) -> anyhow::Result<NatsCounts> {
+    let response = client
+        .request("GET", "/varz", None)
+        .await
+        .map_err(|e| anyhow::anyhow!("NATS monitor GET /varz: {e}"))?;
+    anyhow::ensure!(
+        response.status == 200,
+        "NATS monitor GET /varz answered {}",
+        response.status
+    );
+    parse_varz(&response.body)
+}
+
+fn parse_varz(body: &[u8]) -> anyhow::Result<NatsCounts> {
+    let varz: serde_json::Value = serde_json::from_slice(body)?;
+    let field = |name: &str| {
+        varz[name]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("NATS /varz has no {name}"))
+    };
+    Ok(NatsCounts {
+        in_msgs: field("in_msgs")?,
+        out_msgs: field("out_msgs")?,
+    })
+}
+
 /// The measured window: wall time plus server and own CPU.
 pub struct Window {
     started: Instant,
     server: Option<CpuMeter>,
+    processes: Vec<(String, CpuMeter)>,
+    nats: Option<tokio::sync::Mutex<NatsMeter>>,
     own_start: Duration,
 }
 
@@ -174,15 +256,31 @@ impl Window {
     ///
     /// # Errors
     ///
-    /// `/proc/PID/stat` of the server cannot be read.
-    pub fn start(server_pid: Option<u32>) -> anyhow::Result<Self> {
-        let server = server_pid
+    /// `/proc/PID/stat` of the server or another process cannot be read,
+    /// or the NATS monitor does not answer.
+    pub async fn start(common: &Common) -> anyhow::Result<Self> {
+        let server = common
+            .server_pid
             .map(CpuMeter::start)
             .transpose()
             .map_err(|e| anyhow::anyhow!("cannot read the server's /proc/PID/stat: {e}"))?;
+        let mut processes = Vec::with_capacity(common.processes.len());
+        for (name, pid) in &common.processes {
+            let meter = CpuMeter::start(*pid)
+                .map_err(|e| anyhow::anyhow!("cannot read /proc/{pid}/stat of {name}: {e}"))?;
+            processes.push((name.clone(), meter));
+        }
+        let nats = match &common.nats_monitor {
+            Some(url) => Some(tokio::sync::Mutex::new(
+                NatsMeter::start(url, common.connect_timeout()).await?,
+            )),
+            None => None,
+        };
         Ok(Self {
             started: Instant::now(),
             server,
+            processes,
+            nats,
             own_start: procfs::own_cpu_time().unwrap_or_default(),
         })
     }
@@ -192,11 +290,32 @@ impl Window {
     }
 
     /// Ends the window at `end`, reading the CPU times now.
-    pub fn close(&self, end: Instant) -> Measured {
-        let server_cpu_s = self
+    pub async fn close(&self, end: Instant) -> Measured {
+        let processes: Vec<(String, Option<f64>)> = self
+            .processes
+            .iter()
+            .map(|(name, m)| (name.clone(), m.elapsed().ok().map(|d| d.as_secs_f64())))
+            .collect();
+        let own = self
             .server
             .and_then(|m| m.elapsed().ok())
             .map(|d| d.as_secs_f64());
+        // The server is every process measured; one that cannot be read
+        // any more (it died) leaves the sum unknown.
+        let server_cpu_s = if self.server.is_none() && processes.is_empty() {
+            None
+        } else {
+            let parts = own
+                .into_iter()
+                .chain(processes.iter().filter_map(|(_, s)| *s));
+            let complete = (self.server.is_none() || own.is_some())
+                && processes.iter().all(|(_, s)| s.is_some());
+            complete.then(|| parts.sum())
+        };
+        let nats = match &self.nats {
+            Some(meter) => meter.lock().await.elapsed().await.ok(),
+            None => None,
+        };
         let bench_cpu_s = procfs::own_cpu_time()
             .unwrap_or_default()
             .saturating_sub(self.own_start)
@@ -205,16 +324,21 @@ impl Window {
             window_s: end.saturating_duration_since(self.started).as_secs_f64(),
             server_cpu_s,
             bench_cpu_s,
+            processes,
+            nats,
         }
     }
 }
 
 /// A closed window.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Measured {
     pub window_s: f64,
     pub server_cpu_s: Option<f64>,
     pub bench_cpu_s: f64,
+    /// CPU seconds of each `--process`, `None` when it could not be read.
+    processes: Vec<(String, Option<f64>)>,
+    nats: Option<NatsCounts>,
 }
 
 impl Measured {
@@ -222,6 +346,29 @@ impl Measured {
     /// final.
     pub fn apply(&self, report: &mut Report) {
         report.finish(self.window_s, self.server_cpu_s, self.bench_cpu_s);
+        if !self.processes.is_empty() {
+            let mut cpu = serde_json::Map::new();
+            let mut per = serde_json::Map::new();
+            for (name, seconds) in &self.processes {
+                cpu.insert(name.clone(), serde_json::json!(seconds));
+                let ns = seconds
+                    .filter(|_| report.delivered > 0)
+                    .map(|s| (s * 1e9 / report.delivered as f64).round());
+                per.insert(name.clone(), serde_json::json!(ns));
+            }
+            report.extra.insert("process_cpu_s".into(), cpu.into());
+            report
+                .extra
+                .insert("process_cpu_ns_per_delivery".into(), per.into());
+        }
+        if let Some(nats) = self.nats {
+            report
+                .extra
+                .insert("nats_in_msgs".into(), nats.in_msgs.into());
+            report
+                .extra
+                .insert("nats_out_msgs".into(), nats.out_msgs.into());
+        }
     }
 }
 
@@ -299,6 +446,29 @@ pub async fn wait_until(deadline: Instant, mut done: impl FnMut() -> bool) -> bo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_named_processes() {
+        assert_eq!(parse_process("nats=42"), Ok(("nats".into(), 42)));
+        assert_eq!(parse_process("wrs-b=7"), Ok(("wrs-b".into(), 7)));
+        assert!(parse_process("42").is_err());
+        assert!(parse_process("=42").is_err());
+        assert!(parse_process("nats=x").is_err());
+    }
+
+    #[test]
+    fn reads_message_counters_from_varz() {
+        let body = br#"{"server_id":"N","in_msgs":120,"out_msgs":345,"in_bytes":1}"#;
+        assert_eq!(
+            parse_varz(body).unwrap(),
+            NatsCounts {
+                in_msgs: 120,
+                out_msgs: 345
+            }
+        );
+        assert!(parse_varz(br#"{"in_msgs":1}"#).is_err());
+        assert!(parse_varz(b"not json").is_err());
+    }
 
     #[test]
     fn spreads_source_addresses_over_loopback() {

@@ -168,7 +168,7 @@ async fn phase(
     phase: Phase,
 ) -> anyhow::Result<PhaseResult> {
     let counter = Arc::new(AtomicU64::new(0));
-    let window = Window::start(common.server_pid)?;
+    let window = Window::start(common).await?;
     let progress = RunProgress::start(common, Arc::clone(&counter));
     let end = Instant::now() + common.duration();
     let tasks: Vec<_> = (0..workers)
@@ -195,7 +195,7 @@ async fn phase(
         }
     }
     drop(progress);
-    let measured = window.close(Instant::now());
+    let measured = window.close(Instant::now()).await;
     outs.push(failures);
     let done: u64 = outs.iter().map(|w| w.done).sum();
     Ok(PhaseResult {

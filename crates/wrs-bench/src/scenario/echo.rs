@@ -263,7 +263,7 @@ async fn measure(
             shared.ready.load(Ordering::SeqCst)
         ));
     }
-    let window = Window::start(common.server_pid)?;
+    let window = Window::start(common).await?;
     let epoch = now_ns();
     let progress = RunProgress::start(common, Arc::clone(&shared.round_trips));
     go.cancel();
@@ -274,7 +274,9 @@ async fn measure(
     .await;
     drop(progress);
     let last = shared.last_ns.load(Ordering::SeqCst).max(epoch);
-    let measured = window.close(window.started() + Duration::from_nanos(last - epoch));
+    let measured = window
+        .close(window.started() + Duration::from_nanos(last - epoch))
+        .await;
     for outcome in outcomes {
         let Some(out) = outcome.into_done(report) else {
             continue;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::ensure;
+use anyhow::{Context, ensure};
 use clap::Args;
 use serde_json::json;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -26,7 +26,7 @@ use crate::payload::{Composer, Kind, Stamp, now_ns};
 use crate::report::Report;
 use crate::target::Target;
 use crate::track::{Arrival, SeqTracker, SharedLatencies};
-use crate::ws::{Frame, RxBuf, TxBuf, WsConn};
+use crate::ws::{Frame, RxBuf, TxBuf, WsConn, WsUrl};
 
 /// Longest a single batch may take to write before the publisher gives up.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,6 +56,11 @@ pub struct FanoutArgs {
     /// slowest subscriber of its channel.
     #[arg(long, default_value_t = 256)]
     pub backlog: u64,
+    /// Another node of a WRS cluster (base URL, repeatable): subscriber i
+    /// connects to node i mod N of `--server` and these, publishers to
+    /// `--server`, where the channels are created.
+    #[arg(long = "spread", value_name = "URL")]
+    pub spread: Vec<String>,
 }
 
 /// What a publisher shares with the subscribers of its channel.
@@ -146,6 +151,20 @@ pub async fn run(common: &Common, args: &FanoutArgs) -> anyhow::Result<Report> {
         None => report.params.insert("backlog".into(), json!(args.backlog)),
     };
 
+    if !args.spread.is_empty() {
+        target.wrs_api("fanout --spread")?;
+        report
+            .params
+            .insert("nodes".into(), json!(args.spread.len() + 1));
+    }
+    let mut nodes = vec![None];
+    for url in &args.spread {
+        let node = WsUrl::parse(url)
+            .await
+            .with_context(|| format!("--spread {url}"))?;
+        nodes.push(Some(node));
+    }
+
     let channels = target
         .open_channels(args.channels, "pub-sub", common.connect_timeout())
         .await?;
@@ -153,9 +172,18 @@ pub async fn run(common: &Common, args: &FanoutArgs) -> anyhow::Result<Report> {
     let sub_dials = layout
         .sub_channel
         .iter()
-        .map(|&c| Dial {
-            url: channels[c].sub.clone(),
-            source: None,
+        .enumerate()
+        .map(|(i, &c)| {
+            let sub = &channels[c].sub;
+            let url = match &nodes[i % nodes.len()] {
+                None => sub.clone(),
+                Some(node) => WsUrl {
+                    addr: node.addr,
+                    host: node.host.clone(),
+                    path: sub.path.clone(),
+                },
+            };
+            Dial { url, source: None }
         })
         .collect();
     let subs = harness::open_all(common, sub_dials, 64 * 1024, "subscribers").await;
@@ -268,7 +296,7 @@ pub async fn run(common: &Common, args: &FanoutArgs) -> anyhow::Result<Report> {
         json!(shared.ready.load(Ordering::SeqCst)),
     );
 
-    let window = Window::start(common.server_pid)?;
+    let window = Window::start(common).await?;
     let window_epoch_ns = now_ns();
     let progress = RunProgress::start(common, Arc::clone(&shared.delivered));
     go.cancel();
@@ -305,7 +333,9 @@ pub async fn run(common: &Common, args: &FanoutArgs) -> anyhow::Result<Report> {
         .last_delivery_ns
         .load(Ordering::SeqCst)
         .max(window_epoch_ns);
-    let measured = window.close(window.started() + Duration::from_nanos(last_ns - window_epoch_ns));
+    let measured = window
+        .close(window.started() + Duration::from_nanos(last_ns - window_epoch_ns))
+        .await;
 
     stop.cancel();
     drop(write_halves);
@@ -336,6 +366,19 @@ pub async fn run(common: &Common, args: &FanoutArgs) -> anyhow::Result<Report> {
         "publish_rate_per_s".into(),
         json!(report.sent as f64 / report.window_s.max(1e-9)),
     );
+    if report.sent > 0 {
+        for (counter, per) in [
+            ("nats_in_msgs", "nats_in_per_published"),
+            ("nats_out_msgs", "nats_out_per_published"),
+        ] {
+            if let Some(n) = report.extra.get(counter).and_then(|v| v.as_u64()) {
+                let ratio = n as f64 / report.sent as f64;
+                report
+                    .extra
+                    .insert(per.into(), json!((ratio * 100.0).round() / 100.0));
+            }
+        }
+    }
     let failed = target
         .close_channels(&channels, common.connect_timeout())
         .await;

@@ -102,12 +102,12 @@ pub async fn run(common: &Common, args: &IdleArgs) -> anyhow::Result<Report> {
         .flatten()
         .map(|conn| tokio::spawn(hold(conn, stop.clone(), Arc::clone(&dropped))))
         .collect();
-    let window = Window::start(common.server_pid)?;
+    let window = Window::start(common).await?;
     let progress = RunProgress::start(common, Arc::new(AtomicU64::new(0)));
     tokio::time::sleep(common.duration()).await;
     drop(progress);
     let rss_after = rss(common.server_pid)?;
-    let measured = window.close(Instant::now());
+    let measured = window.close(Instant::now()).await;
     stop.cancel();
     for outcome in collect(tasks, Duration::from_secs(10)).await {
         outcome.add_to(&mut report);

@@ -221,7 +221,7 @@ pub async fn run(common: &Common, args: &PushPullArgs) -> anyhow::Result<Report>
             shared.ready.load(Ordering::SeqCst)
         ));
     }
-    let window = Window::start(common.server_pid)?;
+    let window = Window::start(common).await?;
     let epoch = now_ns();
     let progress = RunProgress::start(common, Arc::clone(&shared.delivered));
     go.cancel();
@@ -248,7 +248,9 @@ pub async fn run(common: &Common, args: &PushPullArgs) -> anyhow::Result<Report>
     // On fan-in-out, give the last replies the same drain.
     drop(progress);
     let last = shared.last_ns.load(Ordering::SeqCst).max(epoch);
-    let measured = window.close(window.started() + Duration::from_nanos(last - epoch));
+    let measured = window
+        .close(window.started() + Duration::from_nanos(last - epoch))
+        .await;
     if fan {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
