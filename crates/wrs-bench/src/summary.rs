@@ -33,6 +33,19 @@ const PRIMARY_LATENCY: [&str; 5] = [
 ///
 /// The directory or a report cannot be read or parsed.
 pub fn summarize(dir: &Path) -> anyhow::Result<String> {
+    Ok(render(&read_reports(dir)?))
+}
+
+/// Reads every `*.json` report in `dir` and renders the cluster table.
+///
+/// # Errors
+///
+/// The directory or a report cannot be read or parsed.
+pub fn summarize_cluster(dir: &Path) -> anyhow::Result<String> {
+    Ok(render_cluster(&read_reports(dir)?))
+}
+
+fn read_reports(dir: &Path) -> anyhow::Result<Vec<Report>> {
     let mut paths: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -47,7 +60,88 @@ pub fn summarize(dir: &Path) -> anyhow::Result<String> {
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         reports.push(report);
     }
-    Ok(render(&reports))
+    Ok(reports)
+}
+
+/// Runs grouped by (case, target), in order of first appearance.
+fn grouped(reports: &[Report]) -> Vec<((String, String), Group<'_>)> {
+    let mut groups: Vec<((String, String), Group<'_>)> = Vec::new();
+    for r in reports {
+        let key = (
+            r.case.clone().unwrap_or_else(|| r.scenario.clone()),
+            r.target.clone(),
+        );
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, g)) => g.runs.push(r),
+            None => groups.push((key, Group { runs: vec![r] })),
+        }
+    }
+    groups
+}
+
+/// The cluster table: one row per case and topology, with the CPU per
+/// delivery of every process measured (`--process`) and the NATS messages
+/// per published message (`--nats-monitor`).
+fn render_cluster(reports: &[Report]) -> String {
+    let groups = grouped(reports);
+    let mut processes: Vec<String> = Vec::new();
+    for r in reports {
+        if let Some(map) = r
+            .extra
+            .get("process_cpu_ns_per_delivery")
+            .and_then(|v| v.as_object())
+        {
+            for name in map.keys() {
+                                if !processes.contains(name) {
+                    processes.push(name.clone());
+                }
+            }
+        }
+    }
+    processes.sort();
+    let mut out = String::from(
+        "| case | topology | runs | delivered/s | p50 | p99 | lost | dup | CPU / delivery, all processes |",
+    );
+    for name in &processes {
+        let _ = write!(out, " {name} |");
+    }
+    out.push_str(
+        " NATS in / published | NATS out / published |
+|---|---|---|---|---|---|---|---|---|",
+    );
+    out.push_str(&"---|".repeat(processes.len() + 2));
+    out.push('\n');
+    let ns = |ns: f64| format!("{ns:.0} ns");
+    for ((case, target), g) in &groups {
+        let _ = write!(
+            out,
+            "| {case} | {target} | {} | {} | {} | {} | {} | {} | {} |",
+            g.runs.len(),
+            opt(g.median(|r| Some(r.delivered_per_s)), si),
+            opt(g.latency(|l| l.p50_us), micros),
+            opt(g.latency(|l| l.p99_us), micros),
+            g.worst(|r| r.lost),
+            g.worst(|r| r.duplicated),
+            opt(g.median(|r| r.server_cpu_ns_per_delivery), ns),
+        );
+        for name in &processes {
+            let per = g.median(|r| {
+                r.extra
+                    .get("process_cpu_ns_per_delivery")
+                    .and_then(|m| m.get(name))
+                    .and_then(serde_json::Value::as_f64)
+            });
+            let _ = write!(out, " {} |", opt(per, ns));
+        }
+        let ratio = |v: f64| format!("{v:.2}");
+        let _ = writeln!(
+            out,
+            " {} | {} |",
+            opt(g.extra("nats_in_per_published"), ratio),
+            opt(g.extra("nats_out_per_published"), ratio),
+        );
+    }
+    out
 }
 
 /// Runs of one case against one target.
@@ -419,6 +513,40 @@ mod tests {
             },
         );
         r
+    }
+
+    #[test]
+    fn cluster_table_shows_each_process_and_nats_per_message() {
+        let mut one = run("cluster-max", "1 node", 900_000.0, 100.0);
+        one.extra.insert(
+            "process_cpu_ns_per_delivery".into(),
+            serde_json::json!({"wrs-a": 100.0}),
+        );
+        let mut three = run("cluster-max", "3 nodes", 800_000.0, 130.0);
+        three.extra.insert(
+            "process_cpu_ns_per_delivery".into(),
+            serde_json::json!({"wrs-a": 50.0, "wrs-b": 40.0, "nats": 2.0}),
+        );
+        three
+            .extra
+            .insert("nats_in_per_published".into(), 1.01.into());
+        three
+            .extra
+            .insert("nats_out_per_published".into(), 2.0.into());
+        let md = render_cluster(&[one, three]);
+        assert!(
+                        md.contains("| nats | wrs-a | wrs-b | NATS in / published | NATS out / published |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| cluster-max | 1 node | 1 | 900.0 k |")
+                && md.contains("| 100 ns | - | 100 ns | - | - | - |"),
+            "{md}"
+        );
+        assert!(
+                        md.contains("| 130 ns | 2 ns | 50 ns | 40 ns | 1.01 | 2.00 |"),
+            "{md}"
+        );
     }
 
     #[test]
