@@ -518,3 +518,98 @@ async fn the_open_file_limit_is_raised_to_the_hard_limit() {
     process.signal("TERM");
     assert_eq!(process.exit_code().await, 0);
 }
+
+/// `name value` samples without labels, from a Prometheus text scrape.
+fn unlabelled_samples(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.contains('{'))
+        .filter_map(|l| {
+            let (name, value) = l.split_once(' ')?;
+            Some((name.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn metrics_report_the_process_itself() {
+    let process = Process::start(&[]).await;
+    let server = server_at(&process);
+    let pid = process.child.id().unwrap();
+    let scrape = || async {
+        let text = bounded(
+            "scrape",
+            server.http.get(format!("{}/metrics", server.base)).send(),
+        )
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+        assert_eq!(text.matches("# EOF").count(), 1, "{text}");
+        assert!(
+            text.contains("# TYPE process_cpu_seconds counter"),
+            "{text}"
+        );
+        unlabelled_samples(&text)
+    };
+
+    let before = scrape().await;
+    let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
+    assert_eq!(before["process_max_fds"], hard as f64);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = before["process_start_time_seconds"];
+    assert!(
+        started > now - 60.0 && started <= now + 1.0,
+        "{started} vs {now}"
+    );
+    assert!(before["process_cpu_seconds_total"] >= 0.0);
+    // Resident memory as the kernel reports it in /proc/PID/status.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let resident = before["process_resident_memory_bytes"];
+    assert!(
+        (resident / (rss_kib * 1024.0) - 1.0).abs() < 0.25,
+        "process_resident_memory_bytes {resident} vs VmRSS {rss_kib} KiB"
+    );
+    assert!(before["process_virtual_memory_bytes"] >= resident);
+
+    // Every client is exactly one more open file descriptor, and gone again
+    // when it leaves.
+    let (id, token) = server.create("pub-sub").await;
+    let url = format!("ws://{}/channels/{id}/connect?token={token}", process.addr);
+    let mut clients = Vec::new();
+    for _ in 0..40 {
+        let (ws, _) = bounded("connect", tokio_tungstenite::connect_async(&url))
+            .await
+            .unwrap();
+        clients.push(ws);
+    }
+    let with_clients = eventually("40 clients open", || async {
+        let now = scrape().await;
+        (now["wrs_connections_open"] == 40.0).then_some(now)
+    })
+    .await;
+    assert_eq!(
+        with_clients["process_open_fds"] - before["process_open_fds"],
+        40.0
+    );
+    drop(clients);
+    // A connection's socket is closed just after it leaves the gauge.
+    let after = eventually("clients gone and their sockets closed", || async {
+        let now = scrape().await;
+        (now["wrs_connections_open"] == 0.0
+            && now["process_open_fds"] == before["process_open_fds"])
+            .then_some(now)
+    })
+    .await;
+    assert!(after["process_cpu_seconds_total"] >= before["process_cpu_seconds_total"]);
+}

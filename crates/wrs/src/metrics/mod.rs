@@ -16,6 +16,8 @@ use prometheus_client::registry::Registry;
 
 use crate::relay::pattern::Pattern;
 
+mod process;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PatternLabels {
     pattern: &'static str,
@@ -116,29 +118,18 @@ impl Metrics {
     /// The registry of a standalone node, or of a cluster node (which adds
     /// the `wrs_cluster_*` metrics).
     pub fn new(clustered: bool) -> Self {
-        let mut registry = Registry::with_prefix("wrs");
-        let messages_in = per_pattern(
-            &mut registry,
-            "messages_in",
-            "Messages received from clients",
-        );
-        let bytes_in = per_pattern(
-            &mut registry,
-            "bytes_in",
-            "Payload bytes received from clients",
-        );
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("wrs");
+        let messages_in = per_pattern(registry, "messages_in", "Messages received from clients");
+        let bytes_in = per_pattern(registry, "bytes_in", "Payload bytes received from clients");
         let messages_out = per_pattern(
-            &mut registry,
+            registry,
             "messages_out",
             "Messages delivered to clients (one per receiver)",
         );
-        let bytes_out = per_pattern(
-            &mut registry,
-            "bytes_out",
-            "Payload bytes delivered to clients",
-        );
+        let bytes_out = per_pattern(registry, "bytes_out", "Payload bytes delivered to clients");
         let frame_errors = per_pattern(
-            &mut registry,
+            registry,
             "frame_errors",
             "Sub-protocol frames answered with an error frame",
         );
@@ -220,8 +211,10 @@ impl Metrics {
                 cluster.connected.clone(),
             );
         }
+        // The standard process_* metrics, without the wrs_ prefix.
+        root.register_collector(Box::new(process::ProcessCollector));
         Self {
-            registry,
+            registry: root,
             cluster,
             messages_in,
             bytes_in,
