@@ -682,6 +682,36 @@ async fn nats_outage_makes_nodes_unready_and_delivery_resumes_after() {
     );
 }
 
+#[tokio::test]
+async fn a_node_stops_promptly_while_nats_is_away() {
+    let mut nats = NatsServer::start().await;
+    let options = NodeOptions::new(nats.url());
+    let (urls, prefix) = (options.urls.clone(), options.prefix.clone());
+    let a = TestServer::with(move |c| {
+        c.nats_url = Some(urls);
+        c.cluster = prefix;
+        c.node_id = Some("node-a".into());
+        c.shutdown_timeout_ms = 30_000;
+    })
+    .await;
+    let channel = a.create_pattern("pub-sub").await;
+    let mut client = a.connect(&channel).await;
+    nats.stop().await;
+    eventually("503 without NATS", || async {
+        (a.get("/readyz").await.0 == StatusCode::SERVICE_UNAVAILABLE).then_some(())
+    })
+    .await;
+    // Nothing to wait for: the client is closed with 1001 and the node does
+    // not wait out its 30 s shutdown timeout on a store it cannot reach.
+    let stopped = tokio::spawn(async move {
+        within(Duration::from_secs(5), "stop without NATS", a.shutdown()).await;
+    });
+    assert_eq!(client.expect_close(1001).await, "server shutting down");
+    // Flushes the reply to the close frame.
+    client.close().await;
+    stopped.await.unwrap();
+}
+
 /// Bound for one step of a NATS server failover (reconnect, leader
 /// elections), which the shared `WAIT` does not cover on a loaded machine.
 const FAILOVER: Duration = Duration::from_secs(40);

@@ -851,6 +851,15 @@ impl Cluster {
     /// Leaves the cluster gracefully: removes this node's heartbeat and any
     /// of its clients still listed, and flushes what is queued for NATS.
     pub async fn leave(&self) {
+        if !self.is_connected() {
+            // Every store call would wait out its retries: leave at once;
+            // the other nodes evict this one after missed heartbeats.
+            warn!(
+                node = %self.node,
+                "NATS unreachable: left the cluster without removing this node's entries"
+            );
+            return;
+        }
         if let Err(error) = self.remove_node_members(&self.node).await {
             warn!(%error, "cannot remove this node's clients from the cluster roster");
         }

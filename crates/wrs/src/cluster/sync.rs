@@ -44,22 +44,38 @@ pub async fn start(
 ) -> Result<(), async_nats::SubscribeError> {
     let stop = relay.root().clone();
     let tasks = relay.background();
+    // A loop may be inside a store call that retries for seconds when
+    // the node stops: stopping cancels it wherever it is.
+    let spawn = |task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>| {
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            stop.run_until_cancelled(task).await;
+        });
+    };
     if let Some(outgoing) = cluster.take_outgoing() {
-        tasks.spawn(publish(Arc::clone(cluster), outgoing, stop.clone()));
+        spawn(Box::pin(publish(
+            Arc::clone(cluster),
+            outgoing,
+            stop.clone(),
+        )));
     }
     let direct = cluster
         .client()
         .subscribe(cluster.node_subject(cluster.node()))
         .await?;
-    tasks.spawn(receive(Arc::clone(relay), direct, stop.clone()));
-    tasks.spawn(watch_channels(
+    spawn(Box::pin(receive(Arc::clone(relay), direct, stop.clone())));
+    spawn(Box::pin(watch_channels(
         Arc::clone(relay),
         Arc::clone(cluster),
         stop.clone(),
-    ));
-    tasks.spawn(watch_members(Arc::clone(cluster), stop.clone()));
-    tasks.spawn(watch_nodes(Arc::clone(cluster), stop.clone()));
-    tasks.spawn(heartbeat(Arc::clone(relay), Arc::clone(cluster), stop));
+    )));
+    spawn(Box::pin(watch_members(Arc::clone(cluster), stop.clone())));
+    spawn(Box::pin(watch_nodes(Arc::clone(cluster), stop.clone())));
+    spawn(Box::pin(heartbeat(
+        Arc::clone(relay),
+        Arc::clone(cluster),
+        stop.clone(),
+    )));
     Ok(())
 }
 

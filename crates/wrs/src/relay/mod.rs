@@ -571,8 +571,13 @@ impl Relay {
     pub async fn leave(&self, channel: &Arc<Channel>, id: ClientId) {
         channel.leave(id);
         if let Some(cluster) = &self.cluster {
-            if let Err(error) = cluster.release(channel.id(), id).await {
-                // The heartbeat's reconciliation repairs the roster later.
+            // Without NATS the store calls would only wait out their
+            // retries: the heartbeat's reconciliation repairs the roster
+            // once NATS is back (or, if this node stops, the others evict
+            // it after missed heartbeats).
+            if cluster.is_connected()
+                && let Err(error) = cluster.release(channel.id(), id).await
+            {
                 warn!(channel = %channel.id(), client = %id, %error, "cannot remove a client from the cluster roster");
             }
             self.drop_interest_if_idle(channel);
