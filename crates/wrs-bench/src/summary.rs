@@ -92,7 +92,7 @@ fn render_cluster(reports: &[Report]) -> String {
             .and_then(|v| v.as_object())
         {
             for name in map.keys() {
-                                if !processes.contains(name) {
+                if !processes.contains(name) {
                     processes.push(name.clone());
                 }
             }
@@ -535,7 +535,7 @@ mod tests {
             .insert("nats_out_per_published".into(), 2.0.into());
         let md = render_cluster(&[one, three]);
         assert!(
-                        md.contains("| nats | wrs-a | wrs-b | NATS in / published | NATS out / published |"),
+            md.contains("| nats | wrs-a | wrs-b | NATS in / published | NATS out / published |"),
             "{md}"
         );
         assert!(
@@ -544,7 +544,7 @@ mod tests {
             "{md}"
         );
         assert!(
-                        md.contains("| 130 ns | 2 ns | 50 ns | 40 ns | 1.01 | 2.00 |"),
+            md.contains("| 130 ns | 2 ns | 50 ns | 40 ns | 1.01 | 2.00 |"),
             "{md}"
         );
     }
