@@ -10,6 +10,7 @@
 
 pub mod codec;
 pub mod handshake;
+mod send;
 
 use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
@@ -88,6 +89,7 @@ pub(crate) async fn serve(
     let ending = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let (reader, writer) = parts.io.into_inner().into_split();
+            let writer = send::SendHalf::new(writer);
             Connection::new(reader, writer, parts.read_buf, &relay, &channel, &client)
                 .run()
                 .await
