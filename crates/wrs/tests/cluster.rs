@@ -298,6 +298,46 @@ async fn the_client_limit_holds_for_concurrent_connects_on_all_nodes() {
     assert_eq!(again.status, 101);
 }
 
+/// A burst of connects to one channel: a node writes the joins that
+/// arrive while a write is in flight together, and the limit still counts
+/// every one of them exactly.
+#[tokio::test]
+async fn a_burst_of_connects_to_one_channel_fills_it_exactly_to_the_limit() {
+    let nats = NatsServer::start().await;
+    let options = NodeOptions::new(nats.url());
+    let nodes = three_nodes(&options).await;
+    let channel = nodes[0]
+        .create(json!({"pattern": "pub-sub", "clientLimit": 250}))
+        .await;
+    let request = upgrade_request(&format!(
+        "/channels/{}/connect?token={}",
+        channel.id, channel.token
+    ));
+    // 300 at once on node A, 100 on node B.
+    let attempts: Vec<_> = (0..400)
+        .map(|i| {
+            let addr = nodes[usize::from(i >= 300)].addr;
+            let request = request.clone();
+            tokio::spawn(async move { raw_request(addr, &request).await })
+        })
+        .collect();
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for attempt in attempts {
+        let raw = bounded("connect", attempt).await.unwrap();
+        match raw.status {
+            101 => open.push(raw),
+            409 => refused += 1,
+            other => panic!("unexpected status {other}: {}", raw.head),
+        }
+    }
+    assert_eq!((open.len(), refused), (250, 150));
+    wait_everywhere(&[&nodes[0], &nodes[1], &nodes[2]], &channel.id, 250).await;
+    // Leaving in a burst empties the roster just as exactly.
+    open.clear();
+    wait_everywhere(&[&nodes[0], &nodes[1], &nodes[2]], &channel.id, 0).await;
+}
+
 #[tokio::test]
 async fn traffic_on_one_node_keeps_the_channel_alive_everywhere() {
     let nats = NatsServer::start().await;

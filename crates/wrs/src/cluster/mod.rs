@@ -26,7 +26,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use rand::RngExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::config::Secret;
@@ -76,7 +76,7 @@ pub struct ClusterSettings {
 pub const HEADER_ROOM: usize = 1024;
 
 /// Why a cluster operation failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error("cannot connect to NATS at {urls}: {reason}")]
     Connect { urls: String, reason: String },
@@ -101,7 +101,7 @@ pub enum ClusterError {
 }
 
 /// Why a place in a channel could not be reserved.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ReserveError {
     #[error("channel full ({limit} clients)")]
     Full { limit: u32 },
@@ -155,6 +155,9 @@ pub struct Cluster {
     outgoing_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
     /// When this node last wrote each channel's activity.
     activity_written: DashMap<ChannelId, Instant>,
+    /// Joins and leaves waiting for the next write of a channel's members
+    /// document. An entry exists while a writer task runs for the channel.
+    queued: DashMap<ChannelId, Vec<MemberChange>>,
     metrics: Arc<Metrics>,
 }
 
@@ -248,6 +251,7 @@ impl Cluster {
             outgoing_tx,
             outgoing_rx: Mutex::new(Some(outgoing_rx)),
             activity_written: DashMap::new(),
+            queued: DashMap::new(),
             metrics,
         }))
     }
@@ -457,57 +461,129 @@ impl Cluster {
     /// `limit`. Compare-and-set, so concurrent connects on any nodes can
     /// never exceed the limit.
     ///
+    /// Joins and leaves of one channel on this node are written together:
+    /// while one write of the channel's members document is in flight, the
+    /// changes that arrive queue up and go out in the next write (see
+    /// [`Cluster::write_queued`]).
+    ///
     /// # Errors
     ///
     /// [`ReserveError::Full`], or the cluster's error.
     pub async fn reserve(
-        &self,
+        self: &Arc<Self>,
         channel: &ChannelId,
         limit: Option<u32>,
     ) -> Result<ClientId, ReserveError> {
-        let node = Arc::clone(&self.node);
-        let mut chosen = None;
-        self.change_members(channel, |doc| {
-            if let Some(limit) = limit
-                && doc.len() >= limit as usize
-            {
-                return Err(ReserveError::Full { limit });
-            }
-            let id = loop {
-                let id = ClientId::random();
-                if !doc.contains(id) {
-                    break id;
-                }
-            };
-            chosen = Some(id);
-            doc.add(
-                &node,
-                Member {
-                    id,
-                    at: epoch_ms(SystemTime::now()),
-                },
-            );
-            Ok(true)
-        })
-        .await?;
-        chosen.ok_or_else(|| {
-            ReserveError::Cluster(ClusterError::Unavailable("no id chosen".to_owned()))
-        })
+        let (done, outcome) = oneshot::channel();
+        self.queue_change(channel, MemberChange::Reserve { limit, done });
+        outcome
+            .await
+            .unwrap_or_else(|_| Err(ReserveError::Cluster(writer_gone())))
     }
 
-    /// Removes a client (that left, or whose upgrade failed).
+    /// Removes a client (that left, or whose upgrade failed); written
+    /// together with the channel's other queued changes, like
+    /// [`Cluster::reserve`].
     ///
     /// # Errors
     ///
     /// The cluster's error.
-    pub async fn release(&self, channel: &ChannelId, id: ClientId) -> Result<(), ClusterError> {
-        self.change_members(channel, |doc| Ok::<_, ReserveError>(doc.remove(id)))
-            .await
-            .map(drop)
-            .map_err(|e| match e {
-                ReserveError::Cluster(e) => e,
-                ReserveError::Full { .. } => ClusterError::Unavailable("unexpected".to_owned()),
+    pub async fn release(
+        self: &Arc<Self>,
+        channel: &ChannelId,
+        id: ClientId,
+    ) -> Result<(), ClusterError> {
+        let (done, outcome) = oneshot::channel();
+        self.queue_change(channel, MemberChange::Release { id, done });
+        outcome.await.unwrap_or_else(|_| Err(writer_gone()))
+    }
+
+    /// Queues a change of a channel's members document and starts the
+    /// channel's writer task unless one runs. The queue holds at most one
+    /// change per connect or leave in progress on this node.
+    fn queue_change(self: &Arc<Self>, channel: &ChannelId, change: MemberChange) {
+        match self.queued.entry(channel.clone()) {
+            dashmap::Entry::Occupied(mut queue) => queue.get_mut().push(change),
+            dashmap::Entry::Vacant(slot) => {
+                slot.insert(vec![change]);
+                // A task of its own: the connect that queued first may be
+                // cancelled (its client hung up), the changes queued after
+                // it must still be written.
+                let cluster = Arc::clone(self);
+                let channel = channel.clone();
+                tokio::spawn(async move { cluster.write_queued(channel).await });
+            }
+        }
+    }
+
+    /// Writes a channel's queued changes, one compare-and-set write per
+    /// batch, until none are left. A burst of connects to one channel so
+    /// costs a few writes of its document instead of one each — the
+    /// document grows with the channel, and every node's watch receives
+    /// every version of it.
+    async fn write_queued(&self, channel: ChannelId) {
+        loop {
+            let batch = match self.queued.entry(channel.clone()) {
+                dashmap::Entry::Occupied(queue) if queue.get().is_empty() => {
+                    queue.remove();
+                    return;
+                }
+                dashmap::Entry::Occupied(mut queue) => std::mem::take(queue.get_mut()),
+                dashmap::Entry::Vacant(_) => return,
+            };
+            self.write_batch(&channel, batch).await;
+        }
+    }
+
+    /// Applies a batch of changes, in the order they were queued, to the
+    /// channel's members document in one write, and tells each caller its
+    /// outcome.
+    async fn write_batch(&self, channel: &ChannelId, batch: Vec<MemberChange>) {
+        let node = Arc::clone(&self.node);
+        let mut outcomes: Vec<Result<Option<ClientId>, ReserveError>> = Vec::new();
+        let written = self
+            .change_members(channel, |doc| {
+                // A conflicting write makes this run again on a fresh
+                // document: outcomes are those of the attempt that stuck.
+                outcomes.clear();
+                let mut changed = false;
+                for change in &batch {
+                    let outcome = match change {
+                        MemberChange::Reserve { limit, .. } => {
+                            add_member(doc, &node, *limit).map(Some)
+                        }
+                        MemberChange::Release { id, .. } => {
+                            changed |= doc.remove(*id);
+                            Ok(None)
+                        }
+                    };
+                    changed |= matches!(outcome, Ok(Some(_)));
+                    outcomes.push(outcome);
+                }
+                Ok(changed)
             })
+            .await;
+        for (index, change) in batch.into_iter().enumerate() {
+            let outcome = match &written {
+                Ok(_) => outcomes[index].clone(),
+                Err(error) => Err(error.clone()),
+            };
+            // A caller that gave up no longer listens; nothing to tell.
+            match change {
+                MemberChange::Reserve { done, .. } => {
+                    let _ = done.send(
+                        outcome
+                            .and_then(|id| id.ok_or_else(|| ReserveError::Cluster(writer_gone()))),
+                    );
+                }
+                MemberChange::Release { done, .. } => {
+                    let _ = done.send(outcome.map(drop).map_err(|e| match e {
+                        ReserveError::Cluster(e) => e,
+                        ReserveError::Full { .. } => writer_gone(),
+                    }));
+                }
+            }
+        }
     }
 
     /// Sets this node's entry of a channel to exactly `clients` (repairs
@@ -885,6 +961,54 @@ impl Cluster {
 }
 
 /// Retries transient store failures with back-off for [`STORE_RETRY`].
+/// A join or leave waiting for the next write of a channel's members
+/// document, with where its outcome goes.
+#[derive(Debug)]
+enum MemberChange {
+    Reserve {
+        limit: Option<u32>,
+        done: oneshot::Sender<Result<ClientId, ReserveError>>,
+    },
+    Release {
+        id: ClientId,
+        done: oneshot::Sender<Result<(), ClusterError>>,
+    },
+}
+
+/// Adds a new client of `node` with an id unique in the channel, unless
+/// the channel already holds `limit` clients.
+fn add_member(
+    doc: &mut MembersDoc,
+    node: &str,
+    limit: Option<u32>,
+) -> Result<ClientId, ReserveError> {
+    if let Some(limit) = limit
+        && doc.len() >= limit as usize
+    {
+        return Err(ReserveError::Full { limit });
+    }
+    let id = loop {
+        let id = ClientId::random();
+        if !doc.contains(id) {
+            break id;
+        }
+    };
+    doc.add(
+        node,
+        Member {
+            id,
+            at: epoch_ms(SystemTime::now()),
+        },
+    );
+    Ok(id)
+}
+
+/// The writer task of a channel's membership changes ended without an
+/// outcome (the runtime is shutting down).
+fn writer_gone() -> ClusterError {
+    ClusterError::Unavailable("the membership change was not written".to_owned())
+}
+
 struct Retry {
     deadline: Instant,
     delay: Duration,
