@@ -105,6 +105,10 @@ pub enum ClusterError {
 pub enum ReserveError {
     #[error("channel full ({limit} clients)")]
     Full { limit: u32 },
+    /// The channel's members document cannot grow: with one more client
+    /// it would not fit in one NATS message (`max_payload`).
+    #[error("channel full: its cluster roster of {clients} clients fills a NATS message")]
+    RosterFull { clients: usize },
     #[error(transparent)]
     Cluster(#[from] ClusterError),
 }
@@ -540,32 +544,21 @@ impl Cluster {
     /// outcome.
     async fn write_batch(&self, channel: &ChannelId, batch: Vec<MemberChange>) {
         let node = Arc::clone(&self.node);
-        let mut outcomes: Vec<Result<Option<ClientId>, ReserveError>> = Vec::new();
+        let room = self.client.server_info().max_payload;
+        let mut outcomes = Vec::new();
         let written = self
             .change_members(channel, |doc| {
                 // A conflicting write makes this run again on a fresh
                 // document: outcomes are those of the attempt that stuck.
-                outcomes.clear();
-                let mut changed = false;
-                for change in &batch {
-                    let outcome = match change {
-                        MemberChange::Reserve { limit, .. } => {
-                            add_member(doc, &node, *limit).map(Some)
-                        }
-                        MemberChange::Release { id, .. } => {
-                            changed |= doc.remove(*id);
-                            Ok(None)
-                        }
-                    };
-                    changed |= matches!(outcome, Ok(Some(_)));
-                    outcomes.push(outcome);
-                }
-                Ok(changed)
+                Ok(apply_changes(doc, &node, &batch, room, &mut outcomes))
             })
             .await;
-        for (index, change) in batch.into_iter().enumerate() {
+        let mut outcomes = outcomes.into_iter();
+        for change in batch {
             let outcome = match &written {
-                Ok(_) => outcomes[index].clone(),
+                Ok(_) => outcomes
+                    .next()
+                    .unwrap_or_else(|| Err(ReserveError::Cluster(writer_gone()))),
                 Err(error) => Err(error.clone()),
             };
             // A caller that gave up no longer listens; nothing to tell.
@@ -579,7 +572,9 @@ impl Cluster {
                 MemberChange::Release { done, .. } => {
                     let _ = done.send(outcome.map(drop).map_err(|e| match e {
                         ReserveError::Cluster(e) => e,
-                        ReserveError::Full { .. } => writer_gone(),
+                        ReserveError::Full { .. } | ReserveError::RosterFull { .. } => {
+                            writer_gone()
+                        }
                     }));
                 }
             }
@@ -617,7 +612,9 @@ impl Cluster {
         .map(drop)
         .map_err(|e| match e {
             ReserveError::Cluster(e) => e,
-            ReserveError::Full { .. } => ClusterError::Unavailable("unexpected".to_owned()),
+            ReserveError::Full { .. } | ReserveError::RosterFull { .. } => {
+                ClusterError::Unavailable("unexpected".to_owned())
+            }
         })
     }
 
@@ -644,7 +641,9 @@ impl Cluster {
             .await
             .map_err(|e| match e {
                 ReserveError::Cluster(e) => e,
-                ReserveError::Full { .. } => ClusterError::Unavailable("unexpected".to_owned()),
+                ReserveError::Full { .. } | ReserveError::RosterFull { .. } => {
+                    ClusterError::Unavailable("unexpected".to_owned())
+                }
             })?;
             removed += count;
         }
@@ -975,17 +974,67 @@ enum MemberChange {
     },
 }
 
+/// The most one client adds to a members document's JSON:
+/// `{"id":"XXXX-XXXX-XXXX","at":MS},` with a `u64` of up to 20 digits.
+const MEMBER_JSON_MAX: usize = 50;
+
+/// Applies a batch of joins and leaves, in order, to a members document
+/// whose JSON must stay within `room` bytes (NATS's `max_payload`).
+/// Fills `outcomes` (one per change: the new client's id for a join) and
+/// returns whether the document changed.
+fn apply_changes(
+    doc: &mut MembersDoc,
+    node: &str,
+    batch: &[MemberChange],
+    room: usize,
+    outcomes: &mut Vec<Result<Option<ClientId>, ReserveError>>,
+) -> bool {
+    outcomes.clear();
+    // Joins are counted at their largest, and this node's key as if it
+    // were new for each: the document written is never larger than this.
+    let grows_by = MEMBER_JSON_MAX + node.len() + 8;
+    let mut size = serde_json::to_vec(&*doc).map_or(usize::MAX, |json| json.len());
+    let mut changed = false;
+    for change in batch {
+        let outcome = match change {
+            MemberChange::Reserve { limit, .. } => {
+                let fits = size.saturating_add(grows_by) <= room;
+                let added = add_member(doc, node, *limit, fits).map(Some);
+                if added.is_ok() {
+                    size += grows_by;
+                    changed = true;
+                }
+                added
+            }
+            MemberChange::Release { id, .. } => {
+                if doc.remove(*id) {
+                    // `size` stays as it is: an overestimate is safe.
+                    changed = true;
+                }
+                Ok(None)
+            }
+        };
+        outcomes.push(outcome);
+    }
+    changed
+}
+
 /// Adds a new client of `node` with an id unique in the channel, unless
-/// the channel already holds `limit` clients.
+/// the channel already holds `limit` clients or the document has no room
+/// for it (`fits` false). The client limit speaks first.
 fn add_member(
     doc: &mut MembersDoc,
     node: &str,
     limit: Option<u32>,
+    fits: bool,
 ) -> Result<ClientId, ReserveError> {
     if let Some(limit) = limit
         && doc.len() >= limit as usize
     {
         return Err(ReserveError::Full { limit });
+    }
+    if !fits {
+        return Err(ReserveError::RosterFull { clients: doc.len() });
     }
     let id = loop {
         let id = ClientId::random();
@@ -1134,4 +1183,118 @@ async fn connect_nats(settings: &ClusterSettings) -> Result<async_nats::Client, 
         delay = (delay * 2).min(Duration::from_millis(500));
     }
     Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reserve(limit: Option<u32>) -> MemberChange {
+        MemberChange::Reserve {
+            limit,
+            done: oneshot::channel().0,
+        }
+    }
+
+    fn release(id: ClientId) -> MemberChange {
+        MemberChange::Release {
+            id,
+            done: oneshot::channel().0,
+        }
+    }
+
+    fn joined(outcome: &Result<Option<ClientId>, ReserveError>) -> ClientId {
+        match outcome {
+            Ok(Some(id)) => *id,
+            other => panic!("expected a join, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_batch_counts_every_join_against_the_limit_in_order() {
+        let mut doc = MembersDoc::default();
+        let mut outcomes = Vec::new();
+        let batch = [reserve(Some(2)), reserve(Some(2)), reserve(Some(2))];
+        assert!(apply_changes(&mut doc, "a", &batch, 1 << 20, &mut outcomes));
+        assert_eq!(outcomes.len(), 3);
+        let (first, second) = (joined(&outcomes[0]), joined(&outcomes[1]));
+        assert_ne!(first, second);
+        assert!(matches!(outcomes[2], Err(ReserveError::Full { limit: 2 })));
+        assert_eq!(doc.len(), 2);
+        // A leave earlier in the same batch frees the place for a join.
+        let batch = [release(first), reserve(Some(2)), reserve(Some(2))];
+        assert!(apply_changes(&mut doc, "b", &batch, 1 << 20, &mut outcomes));
+        assert!(matches!(outcomes[0], Ok(None)));
+        let third = joined(&outcomes[1]);
+        assert!(matches!(outcomes[2], Err(ReserveError::Full { limit: 2 })));
+        assert!(doc.contains(second) && doc.contains(third) && !doc.contains(first));
+        assert_eq!(doc.nodes["b"].len(), 1);
+    }
+
+    #[test]
+    fn nothing_changes_when_nothing_is_added_or_removed() {
+        let mut doc = MembersDoc::default();
+        let mut outcomes = Vec::new();
+        let absent = ClientId::random();
+        assert!(!apply_changes(
+            &mut doc,
+            "a",
+            &[release(absent)],
+            1 << 20,
+            &mut outcomes
+        ));
+        assert!(matches!(outcomes[..], [Ok(None)]));
+    }
+
+    #[test]
+    fn the_roster_never_outgrows_a_nats_message() {
+        let mut doc = MembersDoc::default();
+        let mut outcomes = Vec::new();
+        let room = 4096;
+        let size = |doc: &MembersDoc| serde_json::to_vec(doc).unwrap().len();
+        // Batches of joins from two nodes until one is refused.
+        let mut admitted = Vec::new();
+        for round in 0.. {
+            let node = if round % 2 == 0 { "node-a" } else { "node-b" };
+            let batch: Vec<MemberChange> = (0..10).map(|_| reserve(None)).collect();
+            apply_changes(&mut doc, node, &batch, room, &mut outcomes);
+            assert!(size(&doc) <= room, "{} bytes", size(&doc));
+            admitted.extend(
+                outcomes
+                    .iter()
+                    .filter_map(|o| o.as_ref().ok().copied().flatten()),
+            );
+            if let Some(refused) = outcomes.iter().find(|o| o.is_err()) {
+                // Refused only within a batch's worst case of the room,
+                // and told how many clients the channel holds.
+                assert!(size(&doc) + 10 * (MEMBER_JSON_MAX + node.len() + 8) > room);
+                assert!(matches!(
+                    refused,
+                    Err(ReserveError::RosterFull { clients }) if *clients == doc.len()
+                ));
+                break;
+            }
+            assert!(round < 100, "never full");
+        }
+        assert_eq!(admitted.len(), doc.len());
+        assert!(doc.len() > 60, "only {} fit in {room} bytes", doc.len());
+        // A few leaves make room again.
+        let leaves: Vec<MemberChange> = admitted[..3].iter().map(|id| release(*id)).collect();
+        assert!(apply_changes(
+            &mut doc,
+            "node-a",
+            &leaves,
+            room,
+            &mut outcomes
+        ));
+        assert!(apply_changes(
+            &mut doc,
+            "node-a",
+            &[reserve(None)],
+            room,
+            &mut outcomes
+        ));
+        joined(&outcomes[0]);
+        assert!(size(&doc) <= room);
+    }
 }

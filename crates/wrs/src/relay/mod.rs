@@ -131,6 +131,9 @@ pub enum ConnectError {
     WrongToken,
     #[error("channel full ({limit} clients)")]
     Full { limit: u32 },
+    /// Cluster mode: the channel's roster fills one NATS message.
+    #[error("channel full ({clients} clients, the most its cluster roster holds)")]
+    RosterFull { clients: usize },
     #[error("the cluster store is unavailable")]
     Unavailable,
 }
@@ -544,6 +547,12 @@ impl Relay {
                 drop(reservation);
                 self.drop_interest_if_idle(channel);
                 return Err(ConnectError::Full { limit });
+            }
+            Err(ReserveError::RosterFull { clients }) => {
+                warn!(channel = %channel.id(), clients, "channel full: its cluster roster fills a NATS message (max_payload)");
+                drop(reservation);
+                self.drop_interest_if_idle(channel);
+                return Err(ConnectError::RosterFull { clients });
             }
             Err(ReserveError::Cluster(error)) => {
                 warn!(channel = %channel.id(), %error, "cannot reserve a place in the cluster");
