@@ -42,6 +42,10 @@ SERVER_CORE=0
 BENCH_CORE=1
 WEBSOCAT_VERSION=1.14.1
 
+# The revision is taken before anything is written: the document itself is
+# tracked, so describing the tree after it was rewritten would always say
+# "dirty".
+revision=${WRS_REVISION:-$(git describe --always --dirty 2>/dev/null || echo "(not a git checkout)")}
 results=$root/target/bench/results
 cluster_results=$root/target/bench/cluster
 profiles=$root/target/bench/profile
@@ -486,7 +490,7 @@ profile says: the analysis after the tables.
 ## Machine and versions
 
 - CPU: $cpu_model, $(nproc) cores; memory $mem_total; kernel $(uname -r)
-- WRS ${WRS_REVISION:-$(git describe --always --dirty 2>/dev/null || echo "(not a git checkout)")} built with $(rustc --version)
+- WRS $revision built with $(rustc --version)
 - Nchan: Debian libnginx-mod-nchan $nchan_version on nginx $nginx_version
   (\`bench/peers/nchan.conf\`: WebSocket publisher and subscriber locations,
   message buffer of 16, one worker)
