@@ -5,6 +5,13 @@ use std::process::ExitCode;
 
 use wrs::config::ConfigError;
 
+/// mimalloc instead of glibc's allocator: connection set-up and the
+/// per-message buffers allocate and free from many threads, where glibc's
+/// arenas spent about a quarter of the CPU of a connect burst in
+/// `malloc_consolidate` and friends (see docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let config = match wrs::Config::load() {
         Ok(config) => config,
