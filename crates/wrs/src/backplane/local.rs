@@ -86,8 +86,13 @@ pub fn deliver_locally(
             Receivers::Nobody => return Ok(Delivered::default()),
             Receivers::Sender => return Ok(count(u64::from(deliver(sender_at)))),
             Receivers::AllButSender => {
-                let frames = (0..members.len())
-                    .filter(|&position| position != sender_at && deliver(position))
+                // In join order, without looking anyone up by position.
+                let frames = members
+                    .iter()
+                    .filter(|client| {
+                        client.id() != sender
+                            && offer(metrics, policy, channel.id(), client, frame.clone())
+                    })
                     .count();
                 return Ok(count(frames as u64));
             }

@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use indexmap::IndexMap;
 use parking_lot::{RwLock, RwLockReadGuard};
 use tokio_util::sync::CancellationToken;
 
 use super::Clock;
 use super::client::{Client, CloseReason, QueueLimits};
 use super::ids::{ChannelId, ClientId, TokenDigest};
+use super::order::JoinOrder;
 use super::pattern::{Pattern, Roster};
 
 /// The settings a channel is created with.
@@ -58,7 +58,7 @@ pub struct Channel {
 /// The clients of a channel in join order, plus pending reservations.
 #[derive(Debug, Default)]
 pub struct Members {
-    clients: IndexMap<ClientId, Arc<Client>>,
+    clients: JoinOrder<Arc<Client>>,
     /// Upgrades accepted but not yet joined; they count against the limit.
     reserved: u32,
     closed: Option<CloseReason>,
@@ -66,7 +66,7 @@ pub struct Members {
 
 impl Members {
     pub fn client_at(&self, position: usize) -> Option<&Arc<Client>> {
-        self.clients.get_index(position).map(|(_, c)| c)
+        self.clients.get_index(position)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Client>> {
@@ -84,7 +84,7 @@ impl Roster for Members {
     }
 
     fn position(&self, id: ClientId) -> Option<usize> {
-        self.clients.get_index_of(&id)
+        self.clients.position(&id)
     }
 }
 
@@ -249,7 +249,7 @@ impl Channel {
 
     /// Removes a client; a no-op if it is already gone.
     pub(crate) fn leave(&self, id: ClientId) {
-        self.members.write().clients.shift_remove(&id);
+        self.members.write().clients.remove(&id);
     }
 
     /// Closes the channel for good: no one can join any more and every

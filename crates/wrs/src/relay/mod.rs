@@ -10,6 +10,7 @@
 pub mod channel;
 pub mod client;
 pub mod ids;
+pub mod order;
 pub mod pattern;
 pub mod registry;
 pub mod subprotocol;
