@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::nats::*;
@@ -14,6 +15,32 @@ use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
+
+/// Sends the upgrade `request` to every address at once; returns the
+/// connections that were upgraded and how many were refused with 409 (any
+/// other answer fails the test).
+async fn connect_at_once(
+    addrs: impl Iterator<Item = SocketAddr>,
+    request: &str,
+) -> (Vec<RawWs>, usize) {
+    let attempts: Vec<_> = addrs
+        .map(|addr| {
+            let request = request.to_owned();
+            tokio::spawn(async move { raw_request(addr, &request).await })
+        })
+        .collect();
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for attempt in attempts {
+        let raw = bounded("connect", attempt).await.unwrap();
+        match raw.status {
+            101 => open.push(raw),
+            409 => refused += 1,
+            other => panic!("unexpected status {other}: {}", raw.head),
+        }
+    }
+    (open, refused)
+}
 
 /// The same channel, addressed through another node.
 fn via(channel: &Created) -> Created {
@@ -272,23 +299,8 @@ async fn the_client_limit_holds_for_concurrent_connects_on_all_nodes() {
         "/channels/{}/connect?token={}",
         channel.id, channel.token
     ));
-    let attempts: Vec<_> = (0..20)
-        .map(|i| {
-            let addr = nodes[i % 3].addr;
-            let request = request.clone();
-            tokio::spawn(async move { raw_request(addr, &request).await })
-        })
-        .collect();
-    let mut open = Vec::new();
-    let mut refused = 0;
-    for attempt in attempts {
-        let raw = bounded("connect", attempt).await.unwrap();
-        match raw.status {
-            101 => open.push(raw),
-            409 => refused += 1,
-            other => panic!("unexpected status {other}: {}", raw.head),
-        }
-    }
+    let addrs = (0..20).map(|i| nodes[i % 3].addr);
+    let (mut open, refused) = connect_at_once(addrs, &request).await;
     assert_eq!((open.len(), refused), (5, 15));
     wait_everywhere(&[&nodes[0], &nodes[1], &nodes[2]], &channel.id, 5).await;
     // A place frees up, cluster-wide, when one leaves.
@@ -314,23 +326,8 @@ async fn a_burst_of_connects_to_one_channel_fills_it_exactly_to_the_limit() {
         channel.id, channel.token
     ));
     // 300 at once on node A, 100 on node B.
-    let attempts: Vec<_> = (0..400)
-        .map(|i| {
-            let addr = nodes[usize::from(i >= 300)].addr;
-            let request = request.clone();
-            tokio::spawn(async move { raw_request(addr, &request).await })
-        })
-        .collect();
-    let mut open = Vec::new();
-    let mut refused = 0;
-    for attempt in attempts {
-        let raw = bounded("connect", attempt).await.unwrap();
-        match raw.status {
-            101 => open.push(raw),
-            409 => refused += 1,
-            other => panic!("unexpected status {other}: {}", raw.head),
-        }
-    }
+    let addrs = (0..400).map(|i| nodes[usize::from(i >= 300)].addr);
+    let (mut open, refused) = connect_at_once(addrs, &request).await;
     assert_eq!((open.len(), refused), (250, 150));
     wait_everywhere(&[&nodes[0], &nodes[1], &nodes[2]], &channel.id, 250).await;
     // Leaving in a burst empties the roster just as exactly.
