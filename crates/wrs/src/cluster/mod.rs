@@ -543,39 +543,23 @@ impl Cluster {
     /// channel's members document in one write, and tells each caller its
     /// outcome.
     async fn write_batch(&self, channel: &ChannelId, batch: Vec<MemberChange>) {
-        let node = Arc::clone(&self.node);
         let room = self.client.server_info().max_payload;
         let mut outcomes = Vec::new();
+        // Outcomes are those of the attempt that was written.
         let written = self
             .change_members(channel, |doc| {
-                // A conflicting write makes this run again on a fresh
-                // document: outcomes are those of the attempt that stuck.
-                Ok(apply_changes(doc, &node, &batch, room, &mut outcomes))
+                apply_changes(doc, &self.node, &batch, room, &mut outcomes)
             })
             .await;
-        let mut outcomes = outcomes.into_iter();
-        for change in batch {
-            let outcome = match &written {
-                Ok(_) => outcomes
-                    .next()
-                    .unwrap_or_else(|| Err(ReserveError::Cluster(writer_gone()))),
-                Err(error) => Err(error.clone()),
-            };
-            // A caller that gave up no longer listens; nothing to tell.
-            match change {
-                MemberChange::Reserve { done, .. } => {
-                    let _ = done.send(
-                        outcome
-                            .and_then(|id| id.ok_or_else(|| ReserveError::Cluster(writer_gone()))),
-                    );
+        match written {
+            Ok(()) => {
+                for (change, outcome) in batch.into_iter().zip(outcomes) {
+                    change.answer(outcome);
                 }
-                MemberChange::Release { done, .. } => {
-                    let _ = done.send(outcome.map(drop).map_err(|e| match e {
-                        ReserveError::Cluster(e) => e,
-                        ReserveError::Full { .. } | ReserveError::RosterFull { .. } => {
-                            writer_gone()
-                        }
-                    }));
+            }
+            Err(error) => {
+                for change in batch {
+                    change.fail(error.clone());
                 }
             }
         }
@@ -600,22 +584,15 @@ impl Cluster {
             let mut have = current.to_vec();
             have.sort_by_key(|m| (m.at, m.id));
             if want == have {
-                return Ok::<_, ReserveError>(false);
+                return false;
             }
             doc.nodes.remove(&*node);
             if !clients.is_empty() {
                 doc.nodes.insert(node.to_string(), want);
             }
-            Ok(true)
+            true
         })
         .await
-        .map(drop)
-        .map_err(|e| match e {
-            ReserveError::Cluster(e) => e,
-            ReserveError::Full { .. } | ReserveError::RosterFull { .. } => {
-                ClusterError::Unavailable("unexpected".to_owned())
-            }
-        })
     }
 
     /// Removes every client of `node` from every channel this node knows;
@@ -636,40 +613,32 @@ impl Cluster {
             let mut count = 0;
             self.change_members(&channel, |doc| {
                 count = doc.remove_node(node);
-                Ok::<_, ReserveError>(count > 0)
+                count > 0
             })
-            .await
-            .map_err(|e| match e {
-                ReserveError::Cluster(e) => e,
-                ReserveError::Full { .. } | ReserveError::RosterFull { .. } => {
-                    ClusterError::Unavailable("unexpected".to_owned())
-                }
-            })?;
+            .await?;
             removed += count;
         }
         Ok(removed)
     }
 
     /// Reads, changes and writes back a members document, retrying on
-    /// conflicting writes. `change` returns whether it changed anything.
+    /// conflicting writes (`change` runs again on the fresh document).
+    /// `change` returns whether it changed anything.
     async fn change_members<F>(
         &self,
         channel: &ChannelId,
         mut change: F,
-    ) -> Result<MembersDoc, ReserveError>
+    ) -> Result<(), ClusterError>
     where
-        F: FnMut(&mut MembersDoc) -> Result<bool, ReserveError>,
+        F: FnMut(&mut MembersDoc) -> bool,
     {
-        let unavailable = |e: &dyn std::fmt::Display| {
-            ReserveError::Cluster(ClusterError::Unavailable(e.to_string()))
-        };
         let mut retry = Retry::new();
         let mut attempt = 0;
         while attempt < CAS_ATTEMPTS {
             let entry = match self.members.entry(channel.as_str()).await {
                 Ok(entry) => entry,
                 Err(e) => {
-                    retry.wait(e).await.map_err(ReserveError::Cluster)?;
+                    retry.wait(e).await?;
                     continue;
                 }
             };
@@ -681,18 +650,18 @@ impl Cluster {
                 Some(e) => (MembersDoc::default(), e.revision),
                 None => (MembersDoc::default(), 0),
             };
-            if !change(&mut doc)? {
-                return Ok(doc);
+            if !change(&mut doc) {
+                return Ok(());
             }
             let value: Bytes = serde_json::to_vec(&doc)
-                .map_err(|e| unavailable(&e))?
+                .map_err(|e| ClusterError::Unavailable(e.to_string()))?
                 .into();
             let written = if revision == 0 {
                 match self.members.create(channel.as_str(), value).await {
                     Ok(revision) => Some(revision),
                     Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => None,
                     Err(e) => {
-                        retry.wait(e).await.map_err(ReserveError::Cluster)?;
+                        retry.wait(e).await?;
                         continue;
                     }
                 }
@@ -701,23 +670,21 @@ impl Cluster {
                     Ok(revision) => Some(revision),
                     Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => None,
                     Err(e) => {
-                        retry.wait(e).await.map_err(ReserveError::Cluster)?;
+                        retry.wait(e).await?;
                         continue;
                     }
                 }
             };
             if let Some(revision) = written {
-                self.apply_members(channel.clone(), revision, doc.clone());
-                return Ok(doc);
+                self.apply_members(channel.clone(), revision, doc);
+                return Ok(());
             }
             // Someone else wrote first: back off a little, read again.
             attempt += 1;
             let jitter = rand::rng().random_range(0..=(1u64 << attempt.min(6)));
             tokio::time::sleep(Duration::from_millis(jitter)).await;
         }
-        Err(ReserveError::Cluster(ClusterError::Contention(
-            channel.to_string(),
-        )))
+        Err(ClusterError::Contention(channel.to_string()))
     }
 
     // ----- activity --------------------------------------------------------
@@ -959,7 +926,6 @@ impl Cluster {
     }
 }
 
-/// Retries transient store failures with back-off for [`STORE_RETRY`].
 /// A join or leave waiting for the next write of a channel's members
 /// document, with where its outcome goes.
 #[derive(Debug)]
@@ -972,6 +938,38 @@ enum MemberChange {
         id: ClientId,
         done: oneshot::Sender<Result<(), ClusterError>>,
     },
+}
+
+impl MemberChange {
+    /// Tells the caller how its change went in the written document: the
+    /// new client's id or why it was refused for a join, `None` for a
+    /// leave. A caller that gave up no longer listens.
+    fn answer(self, outcome: Result<Option<ClientId>, ReserveError>) {
+        match self {
+            Self::Reserve { done, .. } => {
+                // A join always has an id or a refusal; without either the
+                // caller hears that the writer is gone.
+                if let Some(outcome) = outcome.transpose() {
+                    let _ = done.send(outcome);
+                }
+            }
+            Self::Release { done, .. } => {
+                let _ = done.send(Ok(()));
+            }
+        }
+    }
+
+    /// Tells the caller that its change could not be written.
+    fn fail(self, error: ClusterError) {
+        match self {
+            Self::Reserve { done, .. } => {
+                let _ = done.send(Err(error.into()));
+            }
+            Self::Release { done, .. } => {
+                let _ = done.send(Err(error));
+            }
+        }
+    }
 }
 
 /// The most one client adds to a members document's JSON:
@@ -1058,6 +1056,7 @@ fn writer_gone() -> ClusterError {
     ClusterError::Unavailable("the membership change was not written".to_owned())
 }
 
+/// Retries transient store failures with back-off for [`STORE_RETRY`].
 struct Retry {
     deadline: Instant,
     delay: Duration,

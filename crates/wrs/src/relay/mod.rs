@@ -544,22 +544,21 @@ impl Relay {
             .await
         {
             Ok(id) => id,
-            Err(ReserveError::Full { limit }) => {
+            Err(error) => {
+                let refusal = match error {
+                    ReserveError::Full { limit } => ConnectError::Full { limit },
+                    ReserveError::RosterFull { clients } => {
+                        warn!(channel = %channel.id(), clients, "channel full: its cluster roster fills a NATS message (max_payload)");
+                        ConnectError::RosterFull { clients }
+                    }
+                    ReserveError::Cluster(error) => {
+                        warn!(channel = %channel.id(), %error, "cannot reserve a place in the cluster");
+                        ConnectError::Unavailable
+                    }
+                };
                 drop(reservation);
                 self.drop_interest_if_idle(channel);
-                return Err(ConnectError::Full { limit });
-            }
-            Err(ReserveError::RosterFull { clients }) => {
-                warn!(channel = %channel.id(), clients, "channel full: its cluster roster fills a NATS message (max_payload)");
-                drop(reservation);
-                self.drop_interest_if_idle(channel);
-                return Err(ConnectError::RosterFull { clients });
-            }
-            Err(ReserveError::Cluster(error)) => {
-                warn!(channel = %channel.id(), %error, "cannot reserve a place in the cluster");
-                drop(reservation);
-                self.drop_interest_if_idle(channel);
-                return Err(ConnectError::Unavailable);
+                return Err(refusal);
             }
         };
         let relay = Arc::clone(self);
