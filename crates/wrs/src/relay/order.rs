@@ -21,7 +21,7 @@ const COMPACT_FROM: usize = 64;
 #[derive(Debug)]
 pub struct JoinOrder<V> {
     /// Insertion order; `None` where a client left.
-    slots: Vec<Option<(ClientId, V)>>,
+    slots: Vec<Option<V>>,
     /// Where each present client sits in `slots`.
     slot_of: HashMap<ClientId, usize>,
     /// Fenwick tree over `slots` counting present clients: node `k`
@@ -57,19 +57,18 @@ impl<V> JoinOrder<V> {
     }
 
     pub fn get(&self, id: &ClientId) -> Option<&V> {
-        let slot = *self.slot_of.get(id)?;
-        self.slots[slot].as_ref().map(|(_, value)| value)
+        self.slots[*self.slot_of.get(id)?].as_ref()
     }
 
     /// Appends `value` under `id`; an `id` already present keeps its
     /// position and gets the new value.
     pub fn insert(&mut self, id: ClientId, value: V) {
         if let Some(&slot) = self.slot_of.get(&id) {
-            self.slots[slot] = Some((id, value));
+            self.slots[slot] = Some(value);
             return;
         }
         let slot = self.slots.len();
-        self.slots.push(Some((id, value)));
+        self.slots.push(Some(value));
         self.slot_of.insert(id, slot);
         // The new node k covers slots k - lowbit(k) .. k: the ones before
         // it in that range, plus itself.
@@ -81,7 +80,7 @@ impl<V> JoinOrder<V> {
     /// Removes `id`, keeping everyone else's order.
     pub fn remove(&mut self, id: &ClientId) -> Option<V> {
         let slot = self.slot_of.remove(id)?;
-        let (_, value) = self.slots[slot].take()?;
+        let value = self.slots[slot].take()?;
         let mut k = slot + 1;
         while k <= self.tree.len() {
             self.tree[k - 1] -= 1;
@@ -118,12 +117,12 @@ impl<V> JoinOrder<V> {
             }
             step >>= 1;
         }
-        self.slots.get(k)?.as_ref().map(|(_, value)| value)
+        self.slots.get(k)?.as_ref()
     }
 
     /// The values in insertion order.
     pub fn values(&self) -> impl Iterator<Item = &V> {
-        self.slots.iter().flatten().map(|(_, value)| value)
+        self.slots.iter().flatten()
     }
 
     /// How many values sit in slots before `slots[end]`.
@@ -139,13 +138,13 @@ impl<V> JoinOrder<V> {
 
     /// Drops the empty slots and rebuilds the index and the tree.
     fn compact(&mut self) {
-        self.slots.retain(Option::is_some);
-        self.slot_of.clear();
-        for (slot, entry) in self.slots.iter().enumerate() {
-            if let Some((id, _)) = entry {
-                self.slot_of.insert(*id, slot);
-            }
+        // A client's new slot is the number of clients before its old one.
+        let mut slot_of = std::mem::take(&mut self.slot_of);
+        for slot in slot_of.values_mut() {
+            *slot = self.prefix(*slot) as usize;
         }
+        self.slot_of = slot_of;
+        self.slots.retain(Option::is_some);
         let n = self.slots.len();
         self.tree.clear();
         self.tree.resize(n, 1);
@@ -222,13 +221,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn inserting_a_present_id_keeps_its_place() {
+    /// `n` ids, inserted in order with the values 0, 1, 2, …
+    fn filled(n: u64) -> (JoinOrder<usize>, Vec<ClientId>) {
         let mut order = JoinOrder::default();
-        let ids: Vec<ClientId> = (1..=3).map(ClientId::from_raw).collect();
+        let ids: Vec<ClientId> = (1..=n).map(ClientId::from_raw).collect();
         for (value, id) in ids.iter().enumerate() {
             order.insert(*id, value);
         }
+        (order, ids)
+    }
+
+    #[test]
+    fn inserting_a_present_id_keeps_its_place() {
+        let (mut order, ids) = filled(3);
         order.insert(ids[0], 10);
         assert_eq!(order.values().copied().collect::<Vec<_>>(), [10, 1, 2]);
         assert_eq!(order.position(&ids[0]), Some(0));
@@ -236,11 +241,7 @@ mod tests {
 
     #[test]
     fn an_emptied_order_starts_over() {
-        let mut order = JoinOrder::default();
-        let ids: Vec<ClientId> = (1..=200).map(ClientId::from_raw).collect();
-        for (value, id) in ids.iter().enumerate() {
-            order.insert(*id, value);
-        }
+        let (mut order, ids) = filled(200);
         for (value, id) in ids.iter().enumerate() {
             assert_eq!(order.remove(id), Some(value));
         }
