@@ -2,10 +2,15 @@
 //! variables (command-line flags override them), validated up front.
 //! Nothing else in the service reads the environment.
 
+pub mod access;
+
 use std::net::IpAddr;
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser, ValueEnum};
+
+pub use access::{AuthPolicy, CorsOrigins};
 
 use crate::relay::client::QueueLimits;
 use crate::relay::{RelaySettings, SlowConsumerPolicy};
@@ -124,8 +129,8 @@ pub struct Config {
 
     /// Space-separated METHOD:PATH_REGEX entries that need the API token; METHOD may be *, the regex
     /// must match from the start of the path [default: everything, *:.*].
-    #[arg(long, env = "WRS_AUTH_RESOURCES", default_value = "")]
-    pub auth_resources: String,
+    #[arg(long, env = "WRS_AUTH_RESOURCES", default_value = "", value_parser = parse_typed::<AuthPolicy>)]
+    pub auth_resources: AuthPolicy,
 
     /// Serve HTTPS and WSS on the API port (needs WRS_SSL_CERT_PATH and WRS_SSL_KEY_PATH).
     #[arg(short = 's', long = "ssl", env = "WRS_SSL")]
@@ -148,8 +153,8 @@ pub struct Config {
     pub browser_only: bool,
 
     /// Origins allowed by CORS on the REST API: * or a comma-separated list such as https://app.example.
-    #[arg(long, env = "WRS_CORS_ORIGINS", default_value = "*")]
-    pub cors_origins: String,
+    #[arg(long, env = "WRS_CORS_ORIGINS", default_value = "*", value_parser = parse_typed::<CorsOrigins>)]
+    pub cors_origins: CorsOrigins,
 
     /// NATS server URLs, comma-separated; setting it turns on cluster mode
     /// (e.g. nats://10.0.0.5:4222,nats://10.0.0.6:4222) [default: standalone].
@@ -289,8 +294,6 @@ impl Config {
                 "WRS_AUTH=true needs an API token in WRS_AUTH_TOKEN (or --token)".to_owned(),
             );
         }
-        crate::http::auth::AuthPolicy::parse(&self.auth_resources)
-            .map_err(|e| format!("WRS_AUTH_RESOURCES: {e}"))?;
         if self.ssl && (self.ssl_cert_path.is_none() || self.ssl_key_path.is_none()) {
             return Err(
                 "WRS_SSL=true needs WRS_SSL_CERT_PATH and WRS_SSL_KEY_PATH (PEM files)".to_owned(),
@@ -309,9 +312,6 @@ impl Config {
         {
             return Err("WRS_NATS_URL is empty; unset it for standalone mode".to_owned());
         }
-        crate::http::cors_layer(&self.cors_origins)
-            .map(drop)
-            .map_err(|e| format!("WRS_CORS_ORIGINS: {e}"))?;
         let needed = self.max_message_bytes as usize + FRAME_HEADER_MAX;
         if (self.client_queue_bytes as usize) < needed {
             return Err(format!(
@@ -428,6 +428,25 @@ fn parse_secret(text: &str) -> Result<Secret, String> {
     } else {
         Ok(Secret(text.to_owned()))
     }
+}
+
+/// A typed setting from its text. The error carries its causes on one
+/// line: clap shows only the first line of a value's error (and
+/// [`one_line`] names the variable after it).
+fn parse_typed<T>(text: &str) -> Result<T, String>
+where
+    T: FromStr,
+    T::Err: std::error::Error,
+{
+    text.parse().map_err(|error: T::Err| {
+        let chain = std::iter::successors(Some(&error as &dyn std::error::Error), |e| e.source());
+        flatten(
+            &chain
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(": "),
+        )
+    })
 }
 
 /// Node ids appear in URLs, logs, NATS subjects and keys: keep them plain.
@@ -649,6 +668,69 @@ mod tests {
     }
 
     #[test]
+    fn auth_resources_are_parsed_once_into_a_policy() {
+        let everything = Config::load_from(["wrs"]).unwrap().auth_resources;
+        assert!(everything.protects("GET", "/healthz"));
+        assert!(everything.protects("DELETE", "/channels/D679-05F5"));
+        let c = Config::load_from([
+            "wrs",
+            "--auth-resources",
+            "post:/channels DELETE:/channels *:/reset",
+        ])
+        .unwrap();
+        assert!(c.auth_resources.protects("POST", "/channels"));
+        assert!(c.auth_resources.protects("DELETE", "/channels/D679-05F5"));
+        assert!(c.auth_resources.protects("GET", "/reset"));
+        assert!(!c.auth_resources.protects("GET", "/channels"));
+        assert!(!c.auth_resources.protects("GET", "/healthz"));
+    }
+
+    #[test]
+    fn a_bad_auth_resource_is_named_on_one_line_with_its_cause() {
+        let message = invalid(&["wrs", "--auth-resources", "POST:/channels GET:/channels("]);
+        assert!(!message.contains('\n'), "{message}");
+        assert!(
+            message.contains(r#""GET:/channels(": invalid path regex: regex parse error:"#),
+            "{message}"
+        );
+        assert!(message.contains("unclosed group"), "{message}");
+        assert!(
+            message.ends_with("(environment variable WRS_AUTH_RESOURCES)"),
+            "{message}"
+        );
+        let message = invalid(&["wrs", "--auth-resources", "fetch:/x"]);
+        assert!(
+            message.contains(r#""fetch:/x": unknown method "fetch" (use one of GET,"#),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn cors_origins_are_parsed_once() {
+        let c = Config::load_from(["wrs"]).unwrap();
+        assert_eq!(c.cors_origins, CorsOrigins::Any);
+        let c = Config::load_from(["wrs", "--cors-origins", "https://a.example,http://b:3000"])
+            .unwrap();
+        assert_eq!(
+            c.cors_origins,
+            CorsOrigins::List(vec!["https://a.example".into(), "http://b:3000".into()])
+        );
+        let message = invalid(&["wrs", "--cors-origins", "https://a.example/app"]);
+        assert!(
+            message
+                .contains(r#""https://a.example/app" is not an origin like https://app.example"#),
+            "{message}"
+        );
+        assert!(
+            message.ends_with("(environment variable WRS_CORS_ORIGINS)"),
+            "{message}"
+        );
+        assert!(
+            invalid(&["wrs", "--cors-origins", " , "]).contains("give * or at least one origin")
+        );
+    }
+
+    #[test]
     fn a_bad_log_filter_is_refused() {
         assert!(invalid(&["wrs", "--log", "wrs=loud"]).contains("log filter"));
     }
@@ -665,6 +747,13 @@ mod tests {
             }
         }
         assert!(help.contains("[default: 8080]"));
+        assert!(help.contains("[default: everything, *:.*]"), "{help}");
+        let lines: Vec<&str> = help.lines().map(str::trim).collect();
+        let cors = lines
+            .iter()
+            .position(|l| l.starts_with("[env: WRS_CORS_ORIGINS"))
+            .unwrap();
+        assert_eq!(lines[cors + 1], "[default: *]");
     }
 
     #[test]

@@ -85,7 +85,7 @@ fn healthcheck(config: &wrs::Config, path: &str) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(wrs::probe::healthcheck(config, path)) {
+    match runtime.block_on(wrs::healthcheck::run(config, path)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(reason) => {
             eprintln!("wrs healthcheck: unhealthy: {reason}");

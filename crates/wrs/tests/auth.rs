@@ -11,7 +11,9 @@ use serde_json::{Value, json};
 const TOKEN: &str = "api-s3cret-token";
 
 async fn server(resources: &str) -> TestServer {
-    let resources = resources.to_owned();
+    let resources: wrs::config::AuthPolicy = resources
+        .parse()
+        .unwrap_or_else(|e| panic!("{resources:?}: {e}"));
     TestServer::with(move |c| {
         c.auth = true;
         c.auth_token = Some(wrs::config::Secret::new(TOKEN));

@@ -425,11 +425,11 @@ async fn a_page_on_another_origin_calls_the_api_through_a_preflight() {
     let api = TestServer::with(|c| {
         c.auth = true;
         c.auth_token = Some(wrs::config::Secret::new("cross-origin-token"));
-        c.auth_resources = "POST:/channels".to_owned();
+        c.auth_resources = "POST:/channels".parse().unwrap();
     })
     .await;
     let strict =
-        TestServer::with(|c| c.cors_origins = "https://elsewhere.example".to_owned()).await;
+        TestServer::with(|c| c.cors_origins = "https://elsewhere.example".parse().unwrap()).await;
     let page = TestServer::start().await;
     let browser = Browser::start().await;
     browser.goto(&page.url("/readme")).await;

@@ -716,7 +716,9 @@ async fn tutorial_browser_code_runs_as_written() {
     let guarded = TestServer::with(|c| {
         c.auth = true;
         c.auth_token = Some(wrs::config::Secret::new("s3cret"));
-        c.auth_resources = "POST:/channels DELETE:/channels *:/reset *:/cluster/".to_owned();
+        c.auth_resources = "POST:/channels DELETE:/channels *:/reset *:/cluster/"
+            .parse()
+            .unwrap();
     })
     .await;
     let page = tabs.open(&guarded.url("/readme")).await;

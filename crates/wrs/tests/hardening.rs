@@ -94,7 +94,9 @@ async fn cors_preflight_allows_json_and_the_authorization_header() {
 #[tokio::test]
 async fn cors_origins_can_be_restricted() {
     let server = TestServer::with(|c| {
-        c.cors_origins = "https://app.example, http://localhost:3000".to_owned()
+        c.cors_origins = "https://app.example, http://localhost:3000"
+            .parse()
+            .unwrap()
     })
     .await;
     let preflight = |origin: &'static str| {

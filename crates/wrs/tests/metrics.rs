@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::cell::Cell;
 use std::collections::HashMap;
 
 use common::*;
@@ -41,6 +42,46 @@ fn delta(before: &HashMap<String, f64>, after: &HashMap<String, f64>, key: &str)
     after.get(key).copied().unwrap_or(0.0) - before.get(key).copied().unwrap_or(0.0)
 }
 
+/// The test's own `GET /channels/{id}` requests, by outcome. Waiting for
+/// clients polls, so the number of lookups is not known in advance; counted
+/// here, the HTTP metrics for the route can be checked exactly.
+#[derive(Default)]
+struct Lookups {
+    found: Cell<u32>,
+    not_found: Cell<u32>,
+}
+
+impl Lookups {
+    /// The channel's client count, or `None` once it is gone (404).
+    async fn client_count(&self, server: &TestServer, channel: &str) -> Option<u64> {
+        let (status, body) = server.get(&format!("/channels/{channel}")).await;
+        let tally = match status {
+            StatusCode::OK => &self.found,
+            StatusCode::NOT_FOUND => &self.not_found,
+            other => panic!("GET /channels/{channel}: {other} {body}"),
+        };
+        tally.set(tally.get() + 1);
+        (status == StatusCode::OK).then(|| body["data"]["clients"].as_u64().expect("clients"))
+    }
+
+    async fn wait_for_clients(&self, server: &TestServer, channel: &str, n: u64) {
+        eventually(&format!("{n} clients on {channel}"), || async {
+            (self.client_count(server, channel).await == Some(n)).then_some(())
+        })
+        .await;
+    }
+
+    /// Connects `n` clients and waits until the server lists all of them.
+    async fn connect_n(&self, server: &TestServer, channel: &Created, n: u64) -> Vec<Ws> {
+        let mut clients = Vec::new();
+        for _ in 0..n {
+            clients.push(server.connect(channel).await);
+        }
+        self.wait_for_clients(server, &channel.id, n).await;
+        clients
+    }
+}
+
 #[tokio::test]
 async fn counters_move_by_exactly_the_workload() {
     let server = TestServer::with(|c| c.max_message_bytes = 1000).await;
@@ -51,9 +92,10 @@ async fn counters_move_by_exactly_the_workload() {
         .await;
     let before = scrape(&server).await;
     assert_eq!(before["wrs_channels_open"], 3.0);
+    let lookups = Lookups::default();
 
     // 3 pub-sub clients; 5 messages of 10 bytes from one: 5 in, 10 out.
-    let mut p = server.connect_n(&pubsub, 3).await;
+    let mut p = lookups.connect_n(&server, &pubsub, 3).await;
     for _ in 0..5 {
         p[0].send_text("0123456789").await;
     }
@@ -63,7 +105,7 @@ async fn counters_move_by_exactly_the_workload() {
         }
     }
     // req-repl: one bad frame (an error frame) and one request to 1 other.
-    let mut r = server.connect_n(&reqrepl, 2).await;
+    let mut r = lookups.connect_n(&server, &reqrepl, 2).await;
     r[0].send_text("nope").await;
     assert_eq!(r[0].recv_json().await["error"], "invalid_json");
     r[0].send_json(json!({"type": "request"})).await;
@@ -82,10 +124,13 @@ async fn counters_move_by_exactly_the_workload() {
     let mut big = server.connect(&pubsub).await;
     big.send_text("x".repeat(1001)).await;
     big.expect_close(1008).await;
-    server.wait_for_clients(&pubsub.id, 3).await;
+    lookups.wait_for_clients(&server, &pubsub.id, 3).await;
     // The timed channel ends.
     eventually("timeout", || async {
-        (server.get(&format!("/channels/{}", timed.id)).await.0 == StatusCode::NOT_FOUND)
+        lookups
+            .client_count(&server, &timed.id)
+            .await
+            .is_none()
             .then_some(())
     })
     .await;
@@ -114,16 +159,26 @@ async fn counters_move_by_exactly_the_workload() {
     assert_eq!(d(r#"wrs_channels_closed_total{reason="timed_out"}"#), 1.0);
     assert_eq!(d("wrs_deliveries_dropped_total"), 0.0);
     assert_eq!(d("wrs_slow_consumer_closes_total"), 0.0);
-    // HTTP: the scrape itself and the channel lookups, by route template.
-    assert!(
-        d(r#"wrs_http_requests_total{route="/channels/{id}",method="GET",status="200"}"#) >= 3.0
+    // HTTP: the first scrape (this one counts only once it has answered)
+    // and exactly the lookups made above, by route template.
+    let (found, not_found) = (lookups.found.get(), lookups.not_found.get());
+    assert!(found >= 3, "one lookup per wait at least: {found}");
+    assert_eq!(not_found, 1, "the lookups stop at the first 404");
+    assert_eq!(
+        d(r#"wrs_http_requests_total{route="/channels/{id}",method="GET",status="200"}"#),
+        f64::from(found)
+    );
+    assert_eq!(
+        d(r#"wrs_http_requests_total{route="/channels/{id}",method="GET",status="404"}"#),
+        f64::from(not_found)
     );
     assert_eq!(
         d(r#"wrs_http_requests_total{route="/metrics",method="GET",status="200"}"#),
         1.0
     );
-    assert!(
-        d(r#"wrs_http_request_duration_seconds_count{route="/channels/{id}",method="GET"}"#) >= 3.0
+    assert_eq!(
+        d(r#"wrs_http_request_duration_seconds_count{route="/channels/{id}",method="GET"}"#),
+        f64::from(found + not_found)
     );
     // /service shows the same totals.
     let stats = server.service_stats().await;

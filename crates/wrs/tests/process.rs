@@ -530,6 +530,20 @@ fn unlabelled_samples(text: &str) -> std::collections::HashMap<String, f64> {
         .collect()
 }
 
+/// User plus system CPU time of process `pid` in seconds, read from
+/// `/proc/PID/stat` (fields 14 and 15, in clock ticks).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name may hold spaces: count fields after the last ')'.
+    let (_, rest) = stat.rsplit_once(')').unwrap();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| fields[n - 3].parse::<u64>().unwrap();
+    // SAFETY: sysconf only reads a system constant.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    assert!(ticks_per_second > 0, "sysconf(_SC_CLK_TCK)");
+    (field(14) + field(15)) as f64 / ticks_per_second as f64
+}
+
 #[tokio::test]
 async fn metrics_report_the_process_itself() {
     let process = Process::start(&[]).await;
@@ -552,8 +566,22 @@ async fn metrics_report_the_process_itself() {
         );
         unlabelled_samples(&text)
     };
+    // A scrape whose CPU time must lie between what /proc says about the
+    // server just before and just after it (the counter never goes back).
+    let cpu = "process_cpu_seconds_total";
+    let scrape_between_cpu_readings = || async {
+        let low = cpu_seconds(pid);
+        let samples = scrape().await;
+        let high = cpu_seconds(pid);
+        let reported = samples[cpu];
+        assert!(
+            low - 1e-9 <= reported && reported <= high + 1e-9,
+            "{cpu} {reported} is not within /proc's {low}..={high}"
+        );
+        samples
+    };
 
-    let before = scrape().await;
+    let before = scrape_between_cpu_readings().await;
     let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
     assert_eq!(before["process_max_fds"], hard as f64);
     let now = std::time::SystemTime::now()
@@ -565,7 +593,6 @@ async fn metrics_report_the_process_itself() {
         started > now - 60.0 && started <= now + 1.0,
         "{started} vs {now}"
     );
-    assert!(before["process_cpu_seconds_total"] >= 0.0);
     // Resident memory as the kernel reports it in /proc/PID/status.
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let rss_kib: f64 = status
@@ -611,5 +638,26 @@ async fn metrics_report_the_process_itself() {
             .then_some(now)
     })
     .await;
-    assert!(after["process_cpu_seconds_total"] >= before["process_cpu_seconds_total"]);
+    assert!(after[cpu] >= before[cpu]);
+
+    // Work the server until /proc shows it spent another 0.2 s of CPU
+    // (20 clock ticks): the counter moves by at least as much.
+    let busy = scrape_between_cpu_readings().await;
+    let target = busy[cpu] + 0.2;
+    bounded("the server to spend 0.2 s of CPU", async {
+        while cpu_seconds(pid) < target {
+            let requests = (0..32).map(|_| server.status("/openapi.json"));
+            for status in futures_util::future::join_all(requests).await {
+                assert_eq!(status, 200);
+            }
+        }
+    })
+    .await;
+    let worked = scrape_between_cpu_readings().await;
+    assert!(
+        worked[cpu] >= target - 1e-9,
+        "{cpu} went from {} to {} while /proc reached {target}",
+        busy[cpu],
+        worked[cpu]
+    );
 }

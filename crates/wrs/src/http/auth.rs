@@ -1,11 +1,8 @@
-//! API authentication (`WRS_AUTH`): which requests need the API token, and
-//! the middleware that checks it.
+//! API authentication (`WRS_AUTH`): the middleware that checks the API
+//! token on the requests the configured [`AuthPolicy`]
+//! (`WRS_AUTH_RESOURCES`) protects.
 //!
-//! `WRS_AUTH_RESOURCES` lists space-separated `METHOD:PATH_REGEX` entries;
-//! METHOD is an HTTP method or `*`, and the regex must match from the start
-//! of the path (it need not reach the end, so `DELETE:/channels` covers
-//! `DELETE /channels/D679-05F5`). Empty means everything (`*:.*`). The
-//! token is accepted as `Authorization: Bearer <token>`, as the query
+//! The token is accepted as `Authorization: Bearer <token>`, as the query
 //! parameter `auth`, or as the field `"auth"` of a JSON body, and is
 //! compared in constant time. Per-channel connect tokens are independent of
 //! it.
@@ -17,79 +14,10 @@ use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use regex::Regex;
 use subtle::ConstantTimeEq;
 
 use super::error::{ApiError, MAX_BODY_BYTES};
-use crate::config::Secret;
-
-/// One `METHOD:PATH_REGEX` entry.
-#[derive(Clone, Debug)]
-struct Rule {
-    /// `None` = any method.
-    method: Option<Method>,
-    path: Regex,
-}
-
-/// Which requests need the API token.
-#[derive(Clone, Debug)]
-pub struct AuthPolicy {
-    rules: Vec<Rule>,
-}
-
-impl AuthPolicy {
-    /// Parses `WRS_AUTH_RESOURCES`.
-    ///
-    /// # Errors
-    ///
-    /// A message naming the bad entry: missing `:`, unknown method, or an
-    /// invalid regex.
-    pub fn parse(resources: &str) -> Result<Self, String> {
-        let entries: Vec<&str> = resources.split_whitespace().collect();
-        let entries = if entries.is_empty() {
-            vec!["*:.*"]
-        } else {
-            entries
-        };
-        let rules = entries
-            .into_iter()
-            .map(|entry| {
-                let (method, path) = entry
-                    .split_once(':')
-                    .ok_or_else(|| format!("{entry:?} is not METHOD:PATH_REGEX"))?;
-                let method = match method {
-                    "*" => None,
-                    name => {
-                        let upper = name.to_ascii_uppercase();
-                        const KNOWN: [&str; 7] =
-                            ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
-                        if !KNOWN.contains(&upper.as_str()) {
-                            return Err(format!(
-                                "{entry:?}: unknown method {name:?} (use one of {} or *)",
-                                KNOWN.join(", ")
-                            ));
-                        }
-                        Some(
-                            Method::from_bytes(upper.as_bytes())
-                                .map_err(|e| format!("{entry:?}: {e}"))?,
-                        )
-                    }
-                };
-                let path =
-                    Regex::new(&format!("^(?:{path})")).map_err(|e| format!("{entry:?}: {e}"))?;
-                Ok(Rule { method, path })
-            })
-            .collect::<Result<_, String>>()?;
-        Ok(Self { rules })
-    }
-
-    /// Whether a request needs the API token.
-    pub fn protects(&self, method: &Method, path: &str) -> bool {
-        self.rules.iter().any(|rule| {
-            rule.method.as_ref().is_none_or(|m| m == method) && rule.path.is_match(path)
-        })
-    }
-}
+use crate::config::{AuthPolicy, Secret};
 
 /// What the middleware needs.
 #[derive(Clone, Debug)]
@@ -130,7 +58,10 @@ pub async fn require_token(
     request: Request,
     next: Next,
 ) -> Response {
-    if !auth.policy.protects(request.method(), request.uri().path()) {
+    if !auth
+        .policy
+        .protects(request.method().as_str(), request.uri().path())
+    {
         return next.run(request).await;
     }
     let header = request
@@ -209,47 +140,6 @@ pub fn url_query_value(query: &str, name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn policy(resources: &str) -> AuthPolicy {
-        AuthPolicy::parse(resources).unwrap()
-    }
-
-    #[test]
-    fn empty_protects_everything() {
-        let p = policy("");
-        for (method, path) in [
-            (Method::GET, "/"),
-            (Method::POST, "/channels"),
-            (Method::DELETE, "/reset"),
-            (Method::GET, "/healthz"),
-        ] {
-            assert!(p.protects(&method, path), "{method} {path}");
-        }
-    }
-
-    #[test]
-    fn rules_match_method_and_path_prefix() {
-        let p = policy("POST:/channels DELETE:/channels *:/cluster.* *:/reset");
-        assert!(p.protects(&Method::POST, "/channels"));
-        assert!(p.protects(&Method::DELETE, "/channels/D679-05F5"));
-        assert!(p.protects(&Method::GET, "/cluster"));
-        assert!(p.protects(&Method::DELETE, "/reset"));
-        assert!(!p.protects(&Method::GET, "/channels"));
-        assert!(!p.protects(&Method::GET, "/channels/D679-05F5/connect"));
-        assert!(!p.protects(&Method::GET, "/service"));
-        // Anchored at the start: a path merely containing the text is free.
-        assert!(!p.protects(&Method::GET, "/docs/cluster"));
-    }
-
-    #[test]
-    fn methods_are_case_insensitive_and_checked() {
-        let p = policy("get:/channels/.*/connect");
-        assert!(p.protects(&Method::GET, "/channels/AB12-CD34/connect"));
-        assert!(!p.protects(&Method::GET, "/channels/AB12-CD34"));
-        assert!(AuthPolicy::parse("FETCH:/x").is_err());
-        assert!(AuthPolicy::parse("GET/x").is_err());
-        assert!(AuthPolicy::parse("GET:([").is_err());
-    }
 
     #[test]
     fn query_values_are_decoded() {

@@ -17,13 +17,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{Method, StatusCode, Uri, header};
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::Response;
 use axum::{Extension, Router};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
-use crate::config::Config;
+use crate::config::{Config, CorsOrigins};
 use crate::relay::Relay;
 use error::{ApiError, MAX_BODY_BYTES};
 
@@ -37,16 +37,9 @@ pub struct AppState {
 }
 
 /// The whole API.
-///
-/// # Panics
-///
-/// Never for a configuration that passed validation (auth resources and
-/// CORS origins are checked there).
 pub fn router(state: AppState) -> Router {
     let config = Arc::clone(&state.config);
-    let policy = config.auth.then(|| {
-        auth::AuthPolicy::parse(&config.auth_resources).expect("validated with the config")
-    });
+    let policy = config.auth.then(|| config.auth_resources.clone());
     let (router, doc) = openapi::routes(&config).split_for_parts();
     let doc = openapi::finish(doc, &config, policy.as_ref());
     let mut router = router
@@ -60,45 +53,30 @@ pub fn router(state: AppState) -> Router {
     }
     router
         .layer(from_fn_with_state(Arc::clone(&state.relay), record_http))
-        .layer(cors_layer(&config.cors_origins).expect("validated with the config"))
+        .layer(cors_layer(&config.cors_origins))
         .with_state(state)
 }
 
-/// CORS for `WRS_CORS_ORIGINS`: `*` or a comma-separated list of origins.
+/// CORS for `WRS_CORS_ORIGINS`: any origin, or only the listed ones.
 /// Requested headers are mirrored, so `Authorization` works cross-origin.
-///
-/// # Errors
-///
-/// A message naming an origin that is not `scheme://host[:port]`.
-pub fn cors_layer(origins: &str) -> Result<CorsLayer, String> {
+pub fn cors_layer(origins: &CorsOrigins) -> CorsLayer {
     let layer = CorsLayer::new()
         .allow_methods([Method::GET, Method::POST, Method::DELETE])
         .allow_headers(AllowHeaders::mirror_request())
         .expose_headers([header::LOCATION])
         .max_age(Duration::from_secs(3600));
-    if origins.trim() == "*" {
-        return Ok(layer.allow_origin(AllowOrigin::any()));
+    match origins {
+        CorsOrigins::Any => layer.allow_origin(AllowOrigin::any()),
+        CorsOrigins::List(list) => {
+            // Compared as bytes, as `AllowOrigin::list` does, without
+            // converting the configured text into header values.
+            let list = list.clone();
+            layer.allow_origin(AllowOrigin::predicate(move |origin, _| {
+                list.iter()
+                    .any(|allowed| allowed.as_bytes() == origin.as_bytes())
+            }))
+        }
     }
-    let list = origins
-        .split(',')
-        .map(str::trim)
-        .filter(|o| !o.is_empty())
-        .map(|origin| {
-            let valid = origin.split_once("://").is_some_and(|(scheme, rest)| {
-                matches!(scheme, "http" | "https") && !rest.is_empty() && !rest.contains('/')
-            });
-            if !valid {
-                return Err(format!(
-                    "{origin:?} is not an origin like https://app.example or http://localhost:3000"
-                ));
-            }
-            HeaderValue::from_str(origin).map_err(|e| format!("{origin:?}: {e}"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    if list.is_empty() {
-        return Err("give * or at least one origin".to_owned());
-    }
-    Ok(layer.allow_origin(AllowOrigin::list(list)))
 }
 
 /// Counts every request by route (the route template, never the raw path),

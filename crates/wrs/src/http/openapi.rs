@@ -15,9 +15,8 @@ use utoipa::openapi::server::Server;
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
 use utoipa_axum::routes;
 
-use super::auth::AuthPolicy;
 use super::{AppState, channels, connect, pages, readme, service};
-use crate::config::Config;
+use crate::config::{AuthPolicy, Config};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -152,7 +151,7 @@ pub fn finish(
             // A concrete path for the rule's regex.
             let sample = path.replace("{id}", "0000-0000");
             for (method, operation) in operations(item) {
-                if policy.protects(&method, &sample) {
+                if policy.protects(method.as_str(), &sample) {
                     operation.security = Some(vec![
                         SecurityRequirement::new("bearer", Vec::<String>::new()),
                         SecurityRequirement::new("query", Vec::<String>::new()),

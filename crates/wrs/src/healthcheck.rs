@@ -14,7 +14,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::Config;
-use crate::http::auth::AuthPolicy;
 
 /// The whole probe may take this long.
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -24,7 +23,7 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 /// # Errors
 ///
 /// A one-line reason: not reachable, TLS failed, or a status other than 200.
-pub async fn healthcheck(config: &Config, path: &str) -> Result<(), String> {
+pub async fn run(config: &Config, path: &str) -> Result<(), String> {
     tokio::time::timeout(TIMEOUT, probe(config, path))
         .await
         .map_err(|_| format!("no answer within {TIMEOUT:?}"))?
@@ -44,9 +43,7 @@ async fn probe(config: &Config, path: &str) -> Result<(), String> {
     let mut request = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: wrs-healthcheck\r\n"
     );
-    let protected = config.auth
-        && AuthPolicy::parse(&config.auth_resources)
-            .is_ok_and(|p| p.protects(&axum::http::Method::GET, path));
+    let protected = config.auth && config.auth_resources.protects("GET", path);
     if let (true, Some(token)) = (protected, &config.auth_token) {
         request.push_str(&format!("Authorization: Bearer {}\r\n", token.expose()));
     }
