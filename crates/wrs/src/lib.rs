@@ -13,13 +13,12 @@
 //! # }
 //! ```
 
-pub mod backplane;
 pub mod cluster;
 pub mod config;
+pub mod healthcheck;
 pub mod http;
 pub mod listen;
 pub mod metrics;
-pub mod probe;
 pub mod relay;
 pub mod serve;
 pub mod telemetry;
@@ -51,8 +50,8 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Cluster(#[from] cluster::ClusterError),
-    #[error("cannot subscribe to this node's NATS subject: {0}")]
-    Subscribe(#[from] async_nats::SubscribeError),
+    #[error("cannot start the cluster node: {0}")]
+    Coordinator(#[from] relay::coordinator::CoordinatorError),
     #[error("cannot listen on {address}: {source}")]
     Bind {
         address: SocketAddr,
@@ -85,16 +84,17 @@ pub async fn start(mut config: Config) -> Result<Server, StartError> {
     // Join the cluster before taking the port: a node that cannot reach
     // NATS refuses connections instead of accepting and dropping them.
     let settings = config.relay_settings();
-    let relay = match config.cluster_settings(&settings.node_id) {
-        None => Relay::new(settings),
+    let (relay, cluster) = match config.cluster_settings(&settings.node_id) {
+        None => (Relay::standalone(settings), None),
         Some(cluster_settings) => {
             let metrics = Arc::new(metrics::Metrics::new(true));
-            let cluster = cluster::Cluster::connect(&cluster_settings, metrics).await?;
-            let relay = Relay::clustered(settings, Arc::clone(&cluster));
-            cluster::sync::start(&relay, &cluster).await?;
-            relay
+            let cluster =
+                cluster::NatsCoordinator::connect(&cluster_settings, Arc::clone(&metrics)).await?;
+            let coordinator: Arc<dyn relay::coordinator::Coordinator> = cluster.clone();
+            (Relay::new(settings, coordinator, metrics), Some(cluster))
         }
     };
+    relay.start().await?;
     let address = SocketAddr::new(config.bind_address, config.api_port);
     let bound = match TcpListener::bind(address).await {
         Ok(listener) => listener.local_addr().map(|local| (listener, local)),
@@ -113,7 +113,7 @@ pub async fn start(mut config: Config) -> Result<Server, StartError> {
     };
     // With port 0 the system picked one: links and metadata show the real one.
     config.api_port = local_addr.port();
-    if let Some(cluster) = relay.cluster() {
+    if let Some(cluster) = &cluster {
         cluster.set_address(format!("{}:{}", config.domain, config.public_port()));
     }
     let readme = http::readme::render(&config).map_err(|source| StartError::Readme {

@@ -10,25 +10,18 @@
 //!
 //! Values are JSON.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::relay::NodeState;
 use crate::relay::channel::ChannelSpec;
+use crate::relay::clock::{epoch_ms, from_epoch_ms};
+use crate::relay::coordinator::{EndReason, SharedChannel};
 use crate::relay::ids::{ClientId, TokenDigest};
 use crate::relay::pattern::{Pattern, Roster};
-
-/// Milliseconds since the Unix epoch.
-pub fn epoch_ms(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-pub fn from_epoch_ms(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
-}
 
 /// A channel as the cluster shares it. The token is stored only as its
 /// SHA-256.
@@ -42,35 +35,42 @@ pub struct ChannelRecord {
     pub token_sha256: String,
     pub created_at_ms: u64,
     pub created_by: String,
-    /// Set just before the key is deleted: `deleted` or `timed_out`, so
-    /// every node closes its clients with the right code.
+    /// Written by earlier versions just before deleting the key. A record
+    /// that still carries it belongs to a node that died half-way: any node
+    /// that sees it finishes the end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub closing: Option<String>,
+    pub closing: Option<EndReason>,
 }
 
 impl ChannelRecord {
-    pub fn new(spec: &ChannelSpec, token: TokenDigest, created_at: SystemTime, node: &str) -> Self {
+    pub fn new(channel: &SharedChannel) -> Self {
+        let spec = &channel.spec;
         Self {
             pattern: spec.pattern.as_str().to_owned(),
             client_limit: spec.client_limit,
             timeout_ms: spec.timeout.map(|t| t.as_millis() as u64),
             welcome: spec.welcome,
-            token_sha256: token.to_hex(),
-            created_at_ms: epoch_ms(created_at),
-            created_by: node.to_owned(),
+            token_sha256: channel.token.to_hex(),
+            created_at_ms: epoch_ms(channel.created_at),
+            created_by: channel.created_by.clone(),
             closing: None,
         }
     }
 
-    /// The channel's settings and token digest, if the record is valid.
-    pub fn spec(&self) -> Option<(ChannelSpec, TokenDigest)> {
+    /// The channel as the relay knows it, if the record is valid.
+    pub fn shared(&self) -> Option<SharedChannel> {
         let spec = ChannelSpec {
             pattern: Pattern::parse(&self.pattern)?,
             client_limit: self.client_limit,
             timeout: self.timeout_ms.map(Duration::from_millis),
             welcome: self.welcome,
         };
-        Some((spec, TokenDigest::from_hex(&self.token_sha256)?))
+        Some(SharedChannel {
+            spec,
+            token: TokenDigest::from_hex(&self.token_sha256)?,
+            created_at: from_epoch_ms(self.created_at_ms),
+            created_by: self.created_by.clone(),
+        })
     }
 }
 
@@ -99,10 +99,6 @@ impl MembersDoc {
         self.len() == 0
     }
 
-    pub fn contains(&self, id: ClientId) -> bool {
-        self.nodes.values().flatten().any(|m| m.id == id)
-    }
-
     /// Whether nodes other than `node` have clients.
     pub fn has_others(&self, node: &str) -> bool {
         self.nodes
@@ -110,25 +106,125 @@ impl MembersDoc {
             .any(|(n, members)| n != node && !members.is_empty())
     }
 
-    pub fn add(&mut self, node: &str, member: Member) {
-        self.nodes.entry(node.to_owned()).or_default().push(member);
+    /// The clients of `node`.
+    pub fn of(&self, node: &str) -> &[Member] {
+        self.nodes.get(node).map_or(&[], Vec::as_slice)
     }
 
-    /// Removes a client; returns whether it was there.
-    pub fn remove(&mut self, id: ClientId) -> bool {
-        let mut found = false;
-        for members in self.nodes.values_mut() {
-            let before = members.len();
-            members.retain(|m| m.id != id);
-            found |= members.len() != before;
+    /// Starts a batch of changes: O(n) once, then O(1) per change.
+    pub fn edit(&mut self) -> Edit<'_> {
+        let ids = self.nodes.values().flatten().map(|m| m.id).collect();
+        Edit {
+            doc: self,
+            ids,
+            removed: HashSet::new(),
+            changed: false,
         }
-        self.nodes.retain(|_, members| !members.is_empty());
-        found
+    }
+}
+
+/// A batch of changes to a [`MembersDoc`]. Leaves are collected and
+/// applied in one pass by [`Edit::finish`], so a batch of k changes to a
+/// roster of n clients costs O(n + k), not O(n × k).
+#[derive(Debug)]
+pub struct Edit<'a> {
+    doc: &'a mut MembersDoc,
+    /// Every client listed, as of the changes so far.
+    ids: HashSet<ClientId>,
+    /// Clients to take out of the lists.
+    removed: HashSet<ClientId>,
+    changed: bool,
+}
+
+impl Edit<'_> {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn contains(&self, id: ClientId) -> bool {
+        self.ids.contains(&id)
+    }
+
+    /// Adds a client of `node`; false if its id is listed already.
+    pub fn add(&mut self, node: &str, member: Member) -> bool {
+        if !self.ids.insert(member.id) {
+            return false;
+        }
+        // A client that left and came back within one batch keeps its new place.
+        if self.removed.remove(&member.id) {
+            for members in self.doc.nodes.values_mut() {
+                members.retain(|m| m.id != member.id);
+            }
+        }
+        self.doc
+            .nodes
+            .entry(node.to_owned())
+            .or_default()
+            .push(member);
+        self.changed = true;
+        true
+    }
+
+    /// Removes a client; false if it was not listed.
+    pub fn remove(&mut self, id: ClientId) -> bool {
+        if !self.ids.remove(&id) {
+            return false;
+        }
+        self.removed.insert(id);
+        self.changed = true;
+        true
     }
 
     /// Removes every client of `node`; returns how many there were.
     pub fn remove_node(&mut self, node: &str) -> usize {
-        self.nodes.remove(node).map_or(0, |members| members.len())
+        let Some(members) = self.doc.nodes.remove(node) else {
+            return 0;
+        };
+        let mut count = 0;
+        for member in &members {
+            if self.ids.remove(&member.id) {
+                count += 1;
+            }
+        }
+        self.changed |= !members.is_empty();
+        count
+    }
+
+    /// Makes `node`'s list hold exactly the clients in `keep` plus those
+    /// listed for it that `young` accepts, adding the clients of `keep`
+    /// that are missing (in the order given). Returns whether anything
+    /// changed.
+    pub fn set_node<F>(&mut self, node: &str, keep: &[Member], young: F) -> bool
+    where
+        F: Fn(&Member) -> bool,
+    {
+        let wanted: HashSet<ClientId> = keep.iter().map(|m| m.id).collect();
+        let listed = self.doc.of(node).to_vec();
+        let mut changed = false;
+        for member in &listed {
+            if !wanted.contains(&member.id) && !young(member) && self.remove(member.id) {
+                changed = true;
+            }
+        }
+        let here: HashSet<ClientId> = listed.iter().map(|m| m.id).collect();
+        for member in keep {
+            if !here.contains(&member.id) && self.add(node, *member) {
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// Applies the removals; returns whether the document changed.
+    pub fn finish(self) -> bool {
+        if !self.removed.is_empty() {
+            let removed = self.removed;
+            for members in self.doc.nodes.values_mut() {
+                members.retain(|m| !removed.contains(&m.id));
+            }
+        }
+        self.doc.nodes.retain(|_, members| !members.is_empty());
+        self.changed
     }
 }
 
@@ -139,14 +235,16 @@ pub struct NodeRecord {
     pub id: String,
     /// Host and port clients use for this node.
     pub address: String,
-    /// `ready` or `draining`.
-    pub state: String,
+    pub state: NodeState,
     pub started_at_ms: u64,
     pub clients: u64,
     pub channels: u64,
     /// Messages received from this node's clients per second, over the
     /// last heartbeat interval.
     pub messages_per_second: u64,
+    /// The node's `WRS_MAX_CHANNELS` (0: an earlier version that did not say).
+    #[serde(default)]
+    pub max_channels: usize,
 }
 
 /// The cluster-wide roster of a channel in a stable order: nodes by id,
@@ -205,25 +303,98 @@ mod tests {
     #[test]
     fn members_docs_add_remove_and_count() {
         let mut doc = MembersDoc::default();
-        doc.add("b", member(1));
-        doc.add("a", member(2));
-        doc.add("b", member(3));
+        let mut edit = doc.edit();
+        assert!(edit.add("b", member(1)));
+        assert!(edit.add("a", member(2)));
+        assert!(edit.add("b", member(3)));
+        assert!(!edit.add("a", member(3)), "ids are unique in the channel");
+        assert!(edit.finish());
         assert_eq!(doc.len(), 3);
         assert!(doc.has_others("a") && doc.has_others("b") && doc.has_others("c"));
-        assert!(doc.remove(ClientId::from_raw(2)));
-        assert!(!doc.remove(ClientId::from_raw(2)));
+        let mut edit = doc.edit();
+        assert!(edit.remove(ClientId::from_raw(2)));
+        assert!(!edit.remove(ClientId::from_raw(2)));
+        assert!(edit.finish());
         assert!(!doc.has_others("b"));
         assert!(!doc.nodes.contains_key("a"), "empty nodes are dropped");
-        assert_eq!(doc.remove_node("b"), 2);
+        let mut edit = doc.edit();
+        assert_eq!(edit.remove_node("b"), 2);
+        assert!(edit.finish());
+        assert!(doc.is_empty());
+        assert!(!doc.edit().finish(), "nothing changed");
+    }
+
+    #[test]
+    fn a_client_that_leaves_and_rejoins_in_one_batch_is_listed_once() {
+        let mut doc = MembersDoc::default();
+        let mut edit = doc.edit();
+        edit.add("a", member(1));
+        edit.add("a", member(2));
+        edit.finish();
+        let mut edit = doc.edit();
+        assert!(edit.remove(ClientId::from_raw(1)));
+        assert!(edit.add("b", member(1)));
+        edit.finish();
+        assert_eq!(doc.of("a"), [member(2)]);
+        assert_eq!(doc.of("b"), [member(1)]);
+    }
+
+    #[test]
+    fn set_node_keeps_real_and_young_entries_only() {
+        let mut doc = MembersDoc::default();
+        let mut edit = doc.edit();
+        for raw in 1..=4 {
+            edit.add("a", member(raw));
+        }
+        edit.add("b", member(9));
+        edit.finish();
+        // Real clients: 1 and 5 (5 was missing); 3 is young (an upgrade
+        // under way); 2 and 4 are stale.
+        let mut edit = doc.edit();
+        assert!(edit.set_node("a", &[member(1), member(5)], |m| m.id
+            == ClientId::from_raw(3)));
+        edit.finish();
+        assert_eq!(doc.of("a"), [member(1), member(3), member(5)]);
+        assert_eq!(doc.of("b"), [member(9)], "other nodes are not touched");
+        let mut edit = doc.edit();
+        assert!(!edit.set_node("a", &[member(1), member(5)], |m| m.id
+            == ClientId::from_raw(3)));
+    }
+
+    /// 19 000 clients, every one leaving in one batch, and the node's list
+    /// reconciled against 19 000 real clients: each is one linear pass (a
+    /// quadratic version does 180 million comparisons here).
+    #[test]
+    fn batches_and_reconciles_of_19_000_clients_are_linear() {
+        const N: u64 = 19_000;
+        let mut doc = MembersDoc::default();
+        let mut edit = doc.edit();
+        for raw in 0..N {
+            assert!(edit.add(if raw % 2 == 0 { "a" } else { "b" }, member(raw)));
+        }
+        assert!(edit.finish());
+        assert_eq!(doc.len(), N as usize);
+        let real: Vec<Member> = doc.of("a").to_vec();
+        let mut edit = doc.edit();
+        assert!(!edit.set_node("a", &real, |_| false));
+        assert!(!edit.finish());
+        let mut edit = doc.edit();
+        for raw in 0..N {
+            assert!(edit.remove(ClientId::from_raw(raw)));
+        }
+        assert_eq!(edit.len(), 0);
+        assert!(edit.finish());
         assert!(doc.is_empty());
     }
 
     #[test]
     fn rosters_order_by_node_then_join() {
         let mut doc = MembersDoc::default();
-        doc.add("node-b", member(1));
-        doc.add("node-a", member(2));
-        doc.add("node-b", member(3));
+        let mut edit = doc.edit();
+        edit.add("node-b", member(1));
+        edit.add("node-a", member(2));
+        edit.add("node-b", member(3));
+        edit.finish();
         let roster = ClusterRoster::of(&doc);
         let order: Vec<_> = (0..roster.len())
             .map(|i| roster.entry(i).unwrap())
@@ -248,14 +419,23 @@ mod tests {
             timeout: Some(Duration::from_secs(60)),
             welcome: true,
         };
-        let token = TokenDigest::of("secret");
-        let record = ChannelRecord::new(&spec, token, SystemTime::now(), "n1");
+        let shared = SharedChannel {
+            spec,
+            token: TokenDigest::of("secret"),
+            created_at: from_epoch_ms(1_764_000_000_123),
+            created_by: "n1".to_owned(),
+        };
+        let record = ChannelRecord::new(&shared);
         let json = serde_json::to_string(&record).unwrap();
         assert!(!json.contains("secret"));
         let back: ChannelRecord = serde_json::from_str(&json).unwrap();
-        assert_eq!(back.spec(), Some((spec, token)));
+        assert_eq!(back.shared(), Some(shared));
+        // A record an earlier version marked as closing.
+        let legacy: ChannelRecord =
+            serde_json::from_str(&json.replace('}', r#","closing":"timed_out"}"#)).unwrap();
+        assert_eq!(legacy.closing, Some(EndReason::TimedOut));
         let mut doc = MembersDoc::default();
-        doc.add("n1", member(7));
+        doc.edit().add("n1", member(7));
         let back: MembersDoc = serde_json::from_str(&serde_json::to_string(&doc).unwrap()).unwrap();
         assert_eq!(back, doc);
     }

@@ -258,10 +258,10 @@ pub async fn clients(
         .relay
         .clients(&channel)
         .into_iter()
-        .map(|(id, node, at)| ClientView {
-            id,
-            node,
-            connected_at: timestamp(at),
+        .map(|listed| ClientView {
+            id: listed.id,
+            node: listed.node,
+            connected_at: timestamp(listed.connected_at),
         })
         .collect();
     Ok(ok(

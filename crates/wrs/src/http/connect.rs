@@ -2,8 +2,6 @@
 //! channel. Every refusal happens before the upgrade, with a JSON body,
 //! and is logged with its reason.
 
-use std::sync::Arc;
-
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Query, Request, State};
@@ -90,22 +88,16 @@ async fn upgrade(
         .reserve(&channel)
         .await
         .map_err(|e| connect_error(e, &id))?;
-    let (channel, client) =
-        ws::admit(reservation, &app.relay)
-            .await
-            .map_err(|reason| match reason {
-                CloseReason::ServerShutdown => connect_error(ConnectError::Draining, &id),
-                _ => connect_error(ConnectError::NotFound, &id),
-            })?;
+    let member = reservation.admit().map_err(|reason| match reason {
+        CloseReason::ServerShutdown => connect_error(ConnectError::Draining, &id),
+        _ => connect_error(ConnectError::NotFound, &id),
+    })?;
     let on_upgrade = hyper::upgrade::on(&mut *request);
-    let relay = Arc::clone(&app.relay);
     app.relay.connections().spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => ws::serve(upgraded, channel, client, relay).await,
-            Err(error) => {
-                debug!(%error, "upgrade did not complete");
-                ws::abandon(&relay, &channel, &client).await;
-            }
+            Ok(upgraded) => ws::serve(upgraded, member).await,
+            // Dropping the member removes the client again.
+            Err(error) => debug!(%error, "upgrade did not complete"),
         }
     });
     Response::builder()
@@ -121,6 +113,8 @@ async fn upgrade(
 mod tests {
     use std::time::Duration;
 
+    use std::sync::Arc;
+
     use tower_service::Service;
 
     use super::*;
@@ -134,7 +128,7 @@ mod tests {
     #[tokio::test]
     async fn a_connect_is_admitted_before_101_and_removed_if_the_upgrade_fails() {
         let config = crate::Config::for_tests();
-        let relay = Relay::new(config.relay_settings());
+        let relay = Relay::standalone(config.relay_settings());
         let mut app = super::super::router(AppState {
             relay: Arc::clone(&relay),
             config: Arc::new(config),

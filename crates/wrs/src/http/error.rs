@@ -2,6 +2,7 @@
 //! `{"message": "<human text>", "error": "<machine_code>"}` with a fitting
 //! status.
 
+use crate::relay::coordinator::{CoordinatorError, EvictError};
 use axum::Json;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
@@ -159,10 +160,28 @@ pub fn connect_error(error: ConnectError, id: &ChannelId) -> ApiError {
     }
 }
 
-impl From<crate::cluster::ClusterError> for ApiError {
-    fn from(error: crate::cluster::ClusterError) -> Self {
+impl From<CoordinatorError> for ApiError {
+    fn from(error: CoordinatorError) -> Self {
         tracing::warn!(%error, "cluster operation failed");
         Self::cluster_unavailable()
+    }
+}
+
+impl From<EvictError> for ApiError {
+    fn from(error: EvictError) -> Self {
+        match error {
+            EvictError::NotFound(node) => Self::new(
+                StatusCode::NOT_FOUND,
+                "node_not_found",
+                format!("no node {node:?} in this cluster"),
+            ),
+            EvictError::Itself => Self::new(
+                StatusCode::CONFLICT,
+                "cannot_evict_self",
+                "a node cannot evict itself; stop it (it leaves the cluster gracefully) or ask another node",
+            ),
+            EvictError::Unavailable(error) => error.into(),
+        }
     }
 }
 
@@ -170,7 +189,7 @@ impl From<crate::relay::RelayError> for ApiError {
     fn from(error: crate::relay::RelayError) -> Self {
         match error {
             crate::relay::RelayError::Create(error) => error.into(),
-            crate::relay::RelayError::Cluster(error) => error.into(),
+            crate::relay::RelayError::Shared(error) => error.into(),
         }
     }
 }

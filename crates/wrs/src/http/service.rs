@@ -9,9 +9,8 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::channels::{Envelope, ok, timestamp};
 use super::error::{ApiError, ErrorBody, MAX_BODY_BYTES};
-use crate::cluster::records::from_epoch_ms;
 use crate::metrics::Totals;
-use crate::relay::Relay;
+use crate::relay::NodeState;
 use crate::relay::pattern::Pattern;
 
 #[derive(Serialize, ToSchema)]
@@ -21,7 +20,7 @@ struct ServiceView {
     version: &'static str,
     node_id: String,
     mode: &'static str,
-    state: &'static str,
+    state: NodeState,
     started_at: String,
     uptime_ms: u64,
     channels: usize,
@@ -102,16 +101,6 @@ impl StatsView {
     }
 }
 
-fn state_of(relay: &Relay) -> &'static str {
-    if relay.is_draining() {
-        "draining"
-    } else if relay.is_ready() {
-        "ready"
-    } else {
-        "disconnected"
-    }
-}
-
 /// `GET /service`: metadata, limits and counters; never secrets.
 #[utoipa::path(get, path = "/service", tag = "service", summary = "Service metadata",
     description = "Name, version, node id, uptime, channel and client counts, enabled features, limits and counters. Never secrets.",
@@ -119,34 +108,35 @@ fn state_of(relay: &Relay) -> &'static str {
 pub async fn service(State(app): State<AppState>) -> impl IntoResponse {
     let relay = &app.relay;
     let settings = relay.settings();
+    let summary = relay.coordinator().summary();
     ok(
         "service metadata",
         ServiceView {
             name: "wrs",
             version: env!("CARGO_PKG_VERSION"),
             node_id: settings.node_id.clone(),
-            mode: if relay.cluster().is_some() {
+            mode: if summary.is_some() {
                 "cluster"
             } else {
                 "standalone"
             },
-            state: state_of(relay),
+            state: relay.state(),
             started_at: timestamp(relay.started_at()),
             uptime_ms: relay.uptime().as_millis() as u64,
             channels: relay.channel_count(),
             clients: relay.metrics().totals().connections_open,
             patterns: Pattern::ALL.to_vec(),
             features: Features {
-                cluster: relay.cluster().is_some(),
+                cluster: summary.is_some(),
                 auth: app.config.auth,
                 tls: app.config.ssl,
                 public_tls: app.config.public_tls(),
                 browser_only: app.config.browser_only,
             },
-            cluster: relay.cluster().map(|cluster| ClusterInfo {
-                prefix: cluster.prefix().to_owned(),
-                nats_connected: cluster.is_connected(),
-                nodes: cluster.live_nodes().len(),
+            cluster: summary.map(|summary| ClusterInfo {
+                prefix: summary.prefix,
+                nats_connected: summary.connected,
+                nodes: summary.nodes,
                 messages_published: relay.metrics().cluster.published.get(),
                 messages_received: relay.metrics().cluster.received.get(),
                 messages_dropped: relay.metrics().cluster.dropped.get(),
@@ -174,8 +164,8 @@ pub struct NodeView {
     id: String,
     /// Host and port clients use.
     address: String,
-    /// `ready` or `draining` (`disconnected`: this node lost NATS).
-    state: String,
+    /// `ready`, `draining`, or `disconnected` (the node cannot reach NATS).
+    state: NodeState,
     started_at: String,
     uptime_ms: u64,
     /// Channels with clients on this node.
@@ -196,11 +186,11 @@ pub struct NodeView {
     responses((status = 200, body = Envelope<Vec<NodeView>>)))]
 pub async fn cluster(State(app): State<AppState>) -> impl IntoResponse {
     let relay = &app.relay;
-    let Some(cluster) = relay.cluster() else {
+    let Some(nodes) = relay.coordinator().nodes() else {
         let node = NodeView {
             id: relay.settings().node_id.clone(),
             address: format!("{}:{}", app.config.domain, app.config.public_port()),
-            state: state_of(relay).to_owned(),
+            state: relay.state(),
             started_at: timestamp(relay.started_at()),
             uptime_ms: relay.uptime().as_millis() as u64,
             channels: relay.channel_count() as u64,
@@ -211,30 +201,20 @@ pub async fn cluster(State(app): State<AppState>) -> impl IntoResponse {
         return ok("1 node (standalone)", vec![node]);
     };
     let now = std::time::SystemTime::now();
-    let nodes: Vec<NodeView> = cluster
-        .live_nodes()
+    let nodes: Vec<NodeView> = nodes
         .into_iter()
-        .map(|seen| {
-            let record = seen.record;
-            let started = from_epoch_ms(record.started_at_ms);
-            let this_node = record.id == cluster.node();
-            NodeView {
-                state: if this_node {
-                    state_of(relay).to_owned()
-                } else {
-                    record.state
-                },
-                started_at: timestamp(started),
-                uptime_ms: now
-                    .duration_since(started)
-                    .map_or(0, |d| d.as_millis() as u64),
-                channels: record.channels,
-                clients: record.clients,
-                messages_per_second: Some(record.messages_per_second),
-                id: record.id,
-                address: record.address,
-                this_node,
-            }
+        .map(|node| NodeView {
+            state: node.state,
+            started_at: timestamp(node.started_at),
+            uptime_ms: now
+                .duration_since(node.started_at)
+                .map_or(0, |d| d.as_millis() as u64),
+            channels: node.channels,
+            clients: node.clients,
+            messages_per_second: Some(node.messages_per_second),
+            id: node.id,
+            address: node.address,
+            this_node: node.this_node,
         })
         .collect();
     ok(format!("{} node(s)", nodes.len()), nodes)
@@ -257,31 +237,7 @@ pub async fn evict(
     State(app): State<AppState>,
     Path(node): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let unknown = || {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "node_not_found",
-            format!("no node {node:?} in this cluster"),
-        )
-    };
-    let Some(cluster) = app.relay.cluster() else {
-        return Err(unknown());
-    };
-    if node == cluster.node() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "cannot_evict_self",
-            "a node cannot evict itself; stop it (it leaves the cluster gracefully) or ask another node",
-        ));
-    }
-    let listed = cluster.live_nodes().iter().any(|n| n.record.id == node)
-        || cluster.rostered_nodes().contains(&node);
-    if !listed {
-        return Err(unknown());
-    }
-    let removed_clients = cluster.remove_node_members(&node).await?;
-    cluster.delete_node(&node).await?;
-    tracing::warn!(%node, removed_clients, "node evicted");
+    let removed_clients = app.relay.coordinator().evict(&node).await?;
     Ok(ok(
         format!("node {node} evicted"),
         Evicted { removed_clients },
@@ -327,11 +283,8 @@ pub async fn readyz(State(app): State<AppState>) -> Result<impl IntoResponse, Ap
 pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     let metrics = app.relay.metrics();
     metrics.channels_open.set(app.relay.channel_count() as i64);
-    if let Some(cluster) = app.relay.cluster() {
-        metrics
-            .cluster
-            .connected
-            .set(i64::from(cluster.is_connected()));
+    if let Some(summary) = app.relay.coordinator().summary() {
+        metrics.cluster.connected.set(i64::from(summary.connected));
     }
     (
         [(

@@ -100,6 +100,8 @@ pub struct ClusterMetrics {
     pub dropped: Counter,
     /// 1 while connected to NATS.
     pub connected: Gauge,
+    /// Stored records (channels, rosters) that could not be decoded.
+    pub corrupt_records: Counter,
 }
 
 fn per_pattern(registry: &mut Registry, name: &str, help: &str) -> PerPattern {
@@ -206,6 +208,11 @@ impl Metrics {
                 cluster.dropped.clone(),
             );
             registry.register(
+                "cluster_corrupt_records",
+                "Stored records (channel records, rosters) that could not be read; they are left untouched",
+                cluster.corrupt_records.clone(),
+            );
+            registry.register(
                 "cluster_nats_connected",
                 "1 while connected to NATS",
                 cluster.connected.clone(),
@@ -263,6 +270,13 @@ impl Metrics {
         self.channels_closed
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+
+    /// Channels closed for `reason` so far.
+    pub fn channels_closed(&self, reason: &'static str) -> u64 {
+        self.channels_closed
+            .get_or_create(&ReasonLabels { reason })
+            .get()
     }
 
     pub fn http_request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {

@@ -5,14 +5,14 @@
 //! and closing take the write lock. No lock is held across an `.await`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use parking_lot::{RwLock, RwLockReadGuard};
 use tokio_util::sync::CancellationToken;
 
-use super::Clock;
 use super::client::{Client, CloseReason, QueueLimits};
+use super::clock::Clock;
 use super::ids::{ChannelId, ClientId, TokenDigest};
 use super::order::JoinOrder;
 use super::pattern::{Pattern, Roster};
@@ -51,6 +51,10 @@ pub struct Channel {
     turns: AtomicU64,
     /// Time of the last relayed message (or creation), in ms of `clock`.
     last_activity_ms: AtomicU64,
+    /// Whether activity here has not been passed on to other nodes yet
+    /// (cluster mode; set on the message path, cleared by whoever shares
+    /// it).
+    unshared_activity: AtomicBool,
     /// Cancelled when the channel is closed for good.
     closed: CancellationToken,
 }
@@ -106,6 +110,7 @@ impl Channel {
             members: RwLock::new(Members::default()),
             turns: AtomicU64::new(0),
             last_activity_ms: AtomicU64::new(clock.now_ms()),
+            unshared_activity: AtomicBool::new(false),
             closed,
         }
     }
@@ -130,12 +135,12 @@ impl Channel {
         self.created_at
     }
 
-    pub(crate) fn turns(&self) -> &AtomicU64 {
+    pub fn turns(&self) -> &AtomicU64 {
         &self.turns
     }
 
     /// The roster, read-locked, for routing one message.
-    pub(crate) fn members(&self) -> RwLockReadGuard<'_, Members> {
+    pub fn members(&self) -> RwLockReadGuard<'_, Members> {
         self.members.read()
     }
 
@@ -165,27 +170,45 @@ impl Channel {
 
     /// Sets the last activity (ms of the relay clock) if it is later than
     /// the one held — activity seen on another node.
-    pub(crate) fn note_activity_at(&self, ms: u64) {
+    pub fn note_activity_at(&self, ms: u64) {
         self.last_activity_ms.fetch_max(ms, Ordering::Relaxed);
     }
 
-    pub(crate) fn last_activity_ms(&self) -> u64 {
+    pub fn last_activity_ms(&self) -> u64 {
         self.last_activity_ms.load(Ordering::Relaxed)
     }
 
+    /// Marks activity as not yet shared with other nodes; returns whether
+    /// it was shared until now (so the caller queues the channel once).
+    pub fn mark_unshared(&self) -> bool {
+        !self.unshared_activity.load(Ordering::Relaxed)
+            && !self.unshared_activity.swap(true, Ordering::AcqRel)
+    }
+
+    /// Marks the activity so far as shared; activity after this call marks
+    /// the channel unshared again.
+    pub fn mark_shared(&self) {
+        self.unshared_activity.store(false, Ordering::Release);
+    }
+
+    /// The clock the channel's times are on.
+    pub fn clock(&self) -> Clock {
+        self.clock
+    }
+
     /// The next round-robin turn.
-    pub(crate) fn next_turn(&self) -> u64 {
+    pub fn next_turn(&self) -> u64 {
         self.turns.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Whether this node has no clients and no upgrades under way here.
-    pub(crate) fn is_idle_here(&self) -> bool {
+    pub fn is_idle_here(&self) -> bool {
         let members = self.members.read();
         members.clients.is_empty() && members.reserved == 0
     }
 
     /// When the inactivity timeout fires, in ms of the relay clock.
-    pub(crate) fn deadline_ms(&self) -> Option<u64> {
+    pub fn deadline_ms(&self) -> Option<u64> {
         let timeout = self.spec.timeout?;
         let last = self.last_activity_ms.load(Ordering::Relaxed);
         Some(last.saturating_add(timeout.as_millis() as u64))
@@ -197,18 +220,25 @@ impl Channel {
             .map(|deadline| deadline.saturating_sub(self.clock.now_ms()))
     }
 
+    /// Whether the channel was closed for good.
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
     /// Completes once the channel is closed for good.
     pub(crate) async fn closed(&self) {
         self.closed.cancelled().await;
     }
 
     /// Holds a place for a client whose upgrade is under way, so that
-    /// concurrent connects can never exceed `clientLimit`.
+    /// concurrent connects can never exceed `clientLimit` here. Pair it
+    /// with [`Channel::fill_place`] or [`Channel::release_place`] (the
+    /// relay's `Reservation` guard does).
     ///
     /// # Errors
     ///
     /// [`JoinError::Full`] at the limit, [`JoinError::Closed`] after close.
-    pub fn reserve(self: &Arc<Self>) -> Result<Reservation, JoinError> {
+    pub(crate) fn hold_place(&self) -> Result<(), JoinError> {
         let mut members = self.members.write();
         if let Some(reason) = members.closed {
             return Err(JoinError::Closed(reason));
@@ -219,32 +249,43 @@ impl Channel {
             return Err(JoinError::Full { limit });
         }
         members.reserved += 1;
-        Ok(Reservation {
-            channel: Arc::clone(self),
-            held: true,
-            id: None,
-            abandon: None,
-        })
+        Ok(())
     }
 
-    /// Holds a place without checking `clientLimit` here: in a cluster the
-    /// shared roster enforces it.
+    /// Gives back a place held with [`Channel::hold_place`].
+    pub(crate) fn release_place(&self) {
+        self.members.write().reserved -= 1;
+    }
+
+    /// Turns a held place into a member with the id `id` (already unique
+    /// in the channel everywhere) or, without one, a fresh id unique here.
     ///
     /// # Errors
     ///
-    /// [`JoinError::Closed`] after close.
-    pub fn reserve_unchecked(self: &Arc<Self>) -> Result<Reservation, JoinError> {
+    /// The close reason if the channel closed while the place was held;
+    /// the place is given back then.
+    pub(crate) fn fill_place(
+        &self,
+        id: Option<ClientId>,
+        limits: QueueLimits,
+    ) -> Result<Arc<Client>, CloseReason> {
         let mut members = self.members.write();
+        members.reserved -= 1;
         if let Some(reason) = members.closed {
-            return Err(JoinError::Closed(reason));
+            return Err(reason);
         }
-        members.reserved += 1;
-        Ok(Reservation {
-            channel: Arc::clone(self),
-            held: true,
-            id: None,
-            abandon: None,
-        })
+        let id = match id {
+            Some(id) => id,
+            None => loop {
+                let id = ClientId::random();
+                if !members.clients.contains_key(&id) {
+                    break id;
+                }
+            },
+        };
+        let client = Arc::new(Client::new(id, limits));
+        members.clients.insert(id, Arc::clone(&client));
+        Ok(client)
     }
 
     /// Removes a client; a no-op if it is already gone.
@@ -280,91 +321,6 @@ impl Channel {
     }
 }
 
-/// A place held in a channel for a connection being upgraded. Dropping it
-/// without [`Reservation::admit`] gives the place back.
-pub struct Reservation {
-    channel: Arc<Channel>,
-    /// Whether the place is still held (not yet admitted or given back).
-    held: bool,
-    /// In a cluster: the id already written to the shared roster.
-    id: Option<ClientId>,
-    /// In a cluster: gives the shared place back if the upgrade fails.
-    abandon: Option<Box<dyn FnOnce(ClientId) + Send + Sync>>,
-}
-
-impl std::fmt::Debug for Reservation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reservation")
-            .field("channel", self.channel.id())
-            .field("held", &self.held)
-            .field("id", &self.id)
-            .finish()
-    }
-}
-
-impl Reservation {
-    pub fn channel(&self) -> &Arc<Channel> {
-        &self.channel
-    }
-
-    /// Fixes the client's id (already unique cluster-wide) and what to do
-    /// if the upgrade fails.
-    pub fn assign(&mut self, id: ClientId, abandon: Box<dyn FnOnce(ClientId) + Send + Sync>) {
-        self.id = Some(id);
-        self.abandon = Some(abandon);
-    }
-
-    /// Turns the reservation into a member with its assigned id, or a fresh
-    /// one unique within the channel.
-    ///
-    /// # Errors
-    ///
-    /// The close reason if the channel closed while the upgrade ran.
-    pub fn admit(
-        mut self,
-        limits: QueueLimits,
-    ) -> Result<(Arc<Channel>, Arc<Client>), CloseReason> {
-        self.held = false;
-        let channel = Arc::clone(&self.channel);
-        let mut members = channel.members.write();
-        members.reserved -= 1;
-        if let Some(reason) = members.closed {
-            drop(members);
-            self.give_back();
-            return Err(reason);
-        }
-        self.abandon = None;
-        let id = match self.id {
-            Some(id) => id,
-            None => loop {
-                let id = ClientId::random();
-                if !members.clients.contains_key(&id) {
-                    break id;
-                }
-            },
-        };
-        let client = Arc::new(Client::new(id, limits));
-        members.clients.insert(id, Arc::clone(&client));
-        drop(members);
-        Ok((channel, client))
-    }
-
-    fn give_back(&mut self) {
-        if let (Some(id), Some(abandon)) = (self.id, self.abandon.take()) {
-            abandon(id);
-        }
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if self.held {
-            self.channel.members.write().reserved -= 1;
-            self.give_back();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,29 +348,36 @@ mod tests {
         ))
     }
 
+    /// A held place, admitted at once.
+    fn join(ch: &Channel) -> Arc<Client> {
+        ch.hold_place().unwrap();
+        ch.fill_place(None, LIMITS).unwrap()
+    }
+
     #[test]
-    fn reservations_count_against_the_limit() {
+    fn held_places_count_against_the_limit() {
         let ch = channel(Some(2), None);
-        let a = ch.reserve().unwrap();
-        let b = ch.reserve().unwrap();
-        assert_eq!(ch.reserve().unwrap_err(), JoinError::Full { limit: 2 });
-        drop(b);
-        let (_, client) = a.admit(LIMITS).unwrap();
-        let c = ch.reserve().unwrap();
-        assert_eq!(ch.reserve().unwrap_err(), JoinError::Full { limit: 2 });
-        c.admit(LIMITS).unwrap();
+        ch.hold_place().unwrap();
+        ch.hold_place().unwrap();
+        assert_eq!(ch.hold_place().unwrap_err(), JoinError::Full { limit: 2 });
+        ch.release_place();
+        let client = ch.fill_place(None, LIMITS).unwrap();
+        ch.hold_place().unwrap();
+        assert_eq!(ch.hold_place().unwrap_err(), JoinError::Full { limit: 2 });
+        ch.fill_place(None, LIMITS).unwrap();
         assert_eq!(ch.client_count(), 2);
         ch.leave(client.id());
         assert_eq!(ch.client_count(), 1);
-        assert!(ch.reserve().is_ok());
+        assert!(ch.hold_place().is_ok());
     }
 
     #[test]
     fn closing_empties_the_roster_and_refuses_joins() {
         let ch = channel(None, None);
-        let (_, client) = ch.reserve().unwrap().admit(LIMITS).unwrap();
-        let pending = ch.reserve().unwrap();
+        let client = join(&ch);
+        ch.hold_place().unwrap();
         assert_eq!(ch.close(CloseReason::ChannelDeleted), 1);
+        assert!(ch.is_closed());
         assert_eq!(
             ch.close(CloseReason::ChannelTimedOut),
             0,
@@ -425,72 +388,46 @@ mod tests {
             Some(CloseReason::ChannelDeleted)
         );
         assert_eq!(ch.client_count(), 0);
+        // A place held while it closed cannot be filled.
         assert_eq!(
-            pending.admit(LIMITS).unwrap_err(),
+            ch.fill_place(None, LIMITS).unwrap_err(),
             CloseReason::ChannelDeleted
         );
+        assert!(ch.is_idle_here());
         assert_eq!(
-            ch.reserve().unwrap_err(),
+            ch.hold_place().unwrap_err(),
             JoinError::Closed(CloseReason::ChannelDeleted)
         );
     }
 
     #[test]
-    fn assigned_ids_are_used_and_given_back_when_abandoned() {
-        use std::sync::Mutex;
+    fn given_ids_are_used() {
         let ch = channel(None, None);
-        let given_back = Arc::new(Mutex::new(Vec::new()));
-        let id = ClientId::from_raw(42);
-        let mut reservation = ch.reserve_unchecked().unwrap();
-        let log = Arc::clone(&given_back);
-        reservation.assign(id, Box::new(move |id| log.lock().unwrap().push(id)));
-        assert!(!ch.is_idle_here());
-        drop(reservation);
-        assert_eq!(*given_back.lock().unwrap(), [id]);
+        ch.hold_place().unwrap();
+        assert!(!ch.is_idle_here(), "a held place counts as a client here");
+        let client = ch.fill_place(Some(ClientId::from_raw(42)), LIMITS).unwrap();
+        assert_eq!(client.id(), ClientId::from_raw(42));
+        assert_eq!(ch.clients()[0].0, ClientId::from_raw(42));
+        ch.leave(client.id());
         assert!(ch.is_idle_here());
-        let mut reservation = ch.reserve_unchecked().unwrap();
-        let log = Arc::clone(&given_back);
-        reservation.assign(id, Box::new(move |id| log.lock().unwrap().push(id)));
-        let (_, client) = reservation.admit(LIMITS).unwrap();
-        assert_eq!(client.id(), id);
-        assert_eq!(
-            given_back.lock().unwrap().len(),
-            1,
-            "an admitted place is not given back"
-        );
-        // Closed during the upgrade: the shared place is given back too.
-        let mut late = ch.reserve_unchecked().unwrap();
-        let log = Arc::clone(&given_back);
-        late.assign(
-            ClientId::from_raw(7),
-            Box::new(move |id| log.lock().unwrap().push(id)),
-        );
-        ch.close(CloseReason::ChannelDeleted);
-        assert_eq!(late.admit(LIMITS).unwrap_err(), CloseReason::ChannelDeleted);
-        assert_eq!(
-            given_back.lock().unwrap().last(),
-            Some(&ClientId::from_raw(7))
-        );
     }
 
     #[test]
     fn disconnect_all_keeps_the_channel_open() {
         let ch = channel(None, None);
-        let (_, client) = ch.reserve().unwrap().admit(LIMITS).unwrap();
+        let client = join(&ch);
         assert_eq!(ch.disconnect_all(CloseReason::ServerShutdown), 1);
         assert_eq!(
             client.outbox.close_reason(),
             Some(CloseReason::ServerShutdown)
         );
-        assert!(ch.reserve().is_ok());
+        assert!(ch.hold_place().is_ok());
     }
 
     #[test]
     fn client_ids_are_unique_and_in_join_order() {
         let ch = channel(None, None);
-        let ids: Vec<_> = (0..50)
-            .map(|_| ch.reserve().unwrap().admit(LIMITS).unwrap().1.id())
-            .collect();
+        let ids: Vec<_> = (0..50).map(|_| join(&ch).id()).collect();
         let listed: Vec<_> = ch.clients().into_iter().map(|(id, _)| id).collect();
         assert_eq!(listed, ids);
         let members = ch.members();
@@ -498,15 +435,32 @@ mod tests {
     }
 
     #[test]
-    fn countdown_follows_activity() {
+    fn activity_is_marked_unshared_once_until_shared() {
+        let ch = channel(None, Some(Duration::from_secs(60)));
+        assert!(ch.mark_unshared());
+        assert!(!ch.mark_unshared(), "already queued");
+        ch.mark_shared();
+        assert!(ch.mark_unshared());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn countdown_follows_activity_exactly() {
         let never = channel(None, None);
         assert_eq!(never.countdown_ms(), None);
         let ch = channel(None, Some(Duration::from_secs(60)));
-        let countdown = ch.countdown_ms().unwrap();
-        assert!(countdown <= 60_000 && countdown > 59_000, "{countdown}");
-        ch.last_activity_ms.store(0, Ordering::Relaxed);
-        let before = ch.deadline_ms().unwrap();
+        assert_eq!(ch.countdown_ms(), Some(60_000));
+        tokio::time::advance(Duration::from_millis(25_000)).await;
+        assert_eq!(ch.countdown_ms(), Some(35_000));
+        assert_eq!(ch.deadline_ms(), Some(60_000));
         ch.touch();
-        assert!(ch.deadline_ms().unwrap() >= before);
+        assert_eq!(ch.deadline_ms(), Some(85_000));
+        assert_eq!(ch.countdown_ms(), Some(60_000));
+        // Activity seen elsewhere moves the deadline only forward.
+        ch.note_activity_at(30_000);
+        assert_eq!(ch.deadline_ms(), Some(90_000));
+        ch.note_activity_at(10_000);
+        assert_eq!(ch.deadline_ms(), Some(90_000));
+        tokio::time::advance(Duration::from_millis(70_000)).await;
+        assert_eq!(ch.countdown_ms(), Some(0), "never negative");
     }
 }

@@ -1,14 +1,21 @@
 //! The relay domain: channels, clients, patterns, and the hub that ties
-//! them to a backplane. No HTTP and no sockets live here; the connection
-//! task ([`crate::ws`]) feeds messages in through [`Relay::dispatch`] and
-//! drains each client's outbox.
+//! them together. No HTTP and no sockets live here; the connection task
+//! ([`crate::ws`]) feeds messages in through [`Relay::dispatch`] and drains
+//! each client's outbox.
 //!
-//! Standalone, the [`Registry`] is the truth about channels. In a cluster
-//! it is this node's cache of the shared registry, and channel lifecycle,
-//! reservations and departures go through [`Cluster`] first.
+//! The relay holds one [`Coordinator`]: the port to whatever shares
+//! channels with other nodes. Standalone, the [`Registry`] is the truth
+//! about channels; in a cluster it is this node's copy of the shared
+//! registry, and creating, ending, joining and leaving go through the
+//! coordinator first. The relay never knows which one it holds.
 
+pub mod admission;
 pub mod channel;
 pub mod client;
+pub mod clock;
+pub mod coordinator;
+pub mod deliver;
+mod expiry;
 pub mod ids;
 pub mod order;
 pub mod pattern;
@@ -17,59 +24,56 @@ pub mod subprotocol;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::backplane::Backplane;
-use crate::backplane::local::LocalBackplane;
-use crate::backplane::nats::NatsBackplane;
-use crate::cluster::records::{ChannelRecord, epoch_ms, from_epoch_ms};
-use crate::cluster::{Cluster, ClusterError, ReserveError};
 use crate::metrics::Metrics;
-use channel::{Channel, ChannelSpec, JoinError, Reservation};
-use client::{Client, CloseReason, PushError, QueueLimits};
+use admission::Reservation;
+use channel::{Channel, ChannelSpec, JoinError};
+use client::{Client, QueueLimits};
+use clock::{Clock, epoch_ms};
+use coordinator::{
+    Claim, Coordinator, CoordinatorError, EndReason, Ended, Handle, JoinRefusal, Listed,
+    NodeStatus, SharedChannel, Standalone, Tasks,
+};
+use deliver::{Inbound, Outlet, prepare};
 use ids::{ChannelId, ClientId, Token};
 use registry::{CreateError, Registry};
 use subprotocol::FrameError;
 
-/// A monotonic millisecond clock shared by all channels of a relay, with
-/// the wall-clock time of its start for converting to and from epoch ms.
-#[derive(Clone, Copy, Debug)]
-pub struct Clock {
-    epoch: Instant,
-    epoch_wall_ms: u64,
+/// Attempts at drawing an unused channel id before giving up.
+const ID_ATTEMPTS: usize = 16;
+
+/// A node's state, as readiness and `GET /cluster` report it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Accepting connections.
+    Ready,
+    /// Stopping: refuses new connections, closes its clients.
+    Draining,
+    /// Cannot reach the shared state (NATS): refuses new connections.
+    Disconnected,
 }
 
-impl Clock {
-    pub fn new() -> Self {
-        Self {
-            epoch: Instant::now(),
-            epoch_wall_ms: epoch_ms(SystemTime::now()),
+impl std::fmt::Display for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Ready => "ready",
+            NodeState::Draining => "draining",
+            NodeState::Disconnected => "disconnected",
         }
-    }
-
-    pub fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
-    pub fn instant_at(&self, ms: u64) -> Instant {
-        self.epoch + Duration::from_millis(ms)
-    }
-
-    /// A wall-clock time (ms since the Unix epoch) on this clock.
-    pub fn from_epoch_ms(&self, epoch: u64) -> u64 {
-        epoch.saturating_sub(self.epoch_wall_ms)
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -139,6 +143,32 @@ pub enum ConnectError {
     Unavailable,
 }
 
+impl From<JoinError> for ConnectError {
+    fn from(error: JoinError) -> Self {
+        match error {
+            JoinError::Full { limit } => ConnectError::Full { limit },
+            JoinError::Closed(_) => ConnectError::NotFound,
+        }
+    }
+}
+
+impl ConnectError {
+    /// The refusal for a place the coordinator would not give.
+    fn refused(channel: &Channel, refusal: JoinRefusal) -> Self {
+        match refusal {
+            JoinRefusal::Full { limit } => ConnectError::Full { limit },
+            JoinRefusal::RosterFull { clients } => {
+                warn!(channel = %channel.id(), clients, "channel full: its shared roster cannot grow (NATS max_payload)");
+                ConnectError::RosterFull { clients }
+            }
+            JoinRefusal::Unavailable(error) => {
+                warn!(channel = %channel.id(), %error, "cannot take a place in the shared roster");
+                ConnectError::Unavailable
+            }
+        }
+    }
+}
+
 /// Result of carrying one message to its receivers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Delivered {
@@ -152,78 +182,66 @@ pub enum RelayError {
     #[error(transparent)]
     Create(#[from] CreateError),
     #[error(transparent)]
-    Cluster(#[from] ClusterError),
+    Shared(#[from] CoordinatorError),
 }
 
-/// The hub: registry, backplane, counters, lifecycle.
+/// The hub: registry, coordinator, counters, lifecycle.
 #[derive(Debug)]
 pub struct Relay {
     settings: RelaySettings,
     clock: Clock,
     started_at: SystemTime,
     registry: Registry,
-    backplane: Box<dyn Backplane>,
-    cluster: Option<Arc<Cluster>>,
-    /// In a cluster: channels whose broadcasts this node subscribes to
-    /// (those with clients here), with the token that ends the subscription.
-    interest: DashMap<ChannelId, CancellationToken>,
+    coordinator: Arc<dyn Coordinator>,
     metrics: Arc<Metrics>,
     draining: AtomicBool,
     /// Parent of every channel's token; cancelled when the relay stops.
     root: CancellationToken,
-    /// Channel timeout watchers and cluster loops.
+    /// Channel timeout watchers and the coordinator's loops.
     background: TaskTracker,
     /// WebSocket connection tasks.
     connections: TaskTracker,
 }
 
 impl Relay {
-    /// A standalone relay.
-    pub fn new(settings: RelaySettings) -> Arc<Self> {
-        Self::build(settings, None, Arc::new(Metrics::new(false)))
-    }
-
-    /// A relay that is one node of a cluster. Start its loops with
-    /// [`crate::cluster::sync::start`].
-    pub fn clustered(settings: RelaySettings, cluster: Arc<Cluster>) -> Arc<Self> {
-        let metrics = Arc::clone(cluster.metrics());
-        Self::build(settings, Some(cluster), metrics)
-    }
-
-    fn build(
+    /// A relay that shares its channels through `coordinator`. Call
+    /// [`Relay::start`] before serving.
+    pub fn new(
         settings: RelaySettings,
-        cluster: Option<Arc<Cluster>>,
+        coordinator: Arc<dyn Coordinator>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        let backplane: Box<dyn Backplane> = match &cluster {
-            None => Box::new(LocalBackplane::new(
-                Arc::clone(&metrics),
-                settings.slow_consumer,
-            )),
-            Some(cluster) => Box::new(NatsBackplane::new(
-                Arc::clone(cluster),
-                Arc::clone(&metrics),
-                settings.slow_consumer,
-            )),
-        };
         Arc::new(Self {
-            registry: Registry::new(
-                settings.max_channels,
-                settings.id_bytes,
-                settings.token_length,
-            ),
+            registry: Registry::new(),
             settings,
             clock: Clock::new(),
             started_at: SystemTime::now(),
-            backplane,
-            cluster,
-            interest: DashMap::new(),
+            coordinator,
             metrics,
             draining: AtomicBool::new(false),
             root: CancellationToken::new(),
             background: TaskTracker::new(),
             connections: TaskTracker::new(),
         })
+    }
+
+    /// A standalone relay (its [`Relay::start`] has nothing to do).
+    pub fn standalone(settings: RelaySettings) -> Arc<Self> {
+        Self::new(
+            settings,
+            Arc::new(Standalone),
+            Arc::new(Metrics::new(false)),
+        )
+    }
+
+    /// Starts the coordinator's work for this relay.
+    ///
+    /// # Errors
+    ///
+    /// The coordinator's reason.
+    pub async fn start(self: &Arc<Self>) -> Result<(), CoordinatorError> {
+        let tasks = Tasks::new(self.background.clone(), self.root.clone());
+        self.coordinator.start(Handle::new(self), tasks).await
     }
 
     pub fn settings(&self) -> &RelaySettings {
@@ -234,8 +252,12 @@ impl Relay {
         &self.metrics
     }
 
-    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
-        self.cluster.as_ref()
+    pub fn coordinator(&self) -> &dyn Coordinator {
+        &*self.coordinator
+    }
+
+    pub fn clock(&self) -> Clock {
+        self.clock
     }
 
     pub fn started_at(&self) -> SystemTime {
@@ -250,10 +272,20 @@ impl Relay {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Ready for new connections: not draining, and in a cluster connected
-    /// to NATS.
+    /// This node's state: draining, unable to reach shared state, or ready.
+    pub fn state(&self) -> NodeState {
+        if self.is_draining() {
+            NodeState::Draining
+        } else if self.coordinator.is_available() {
+            NodeState::Ready
+        } else {
+            NodeState::Disconnected
+        }
+    }
+
+    /// Ready for new connections.
     pub fn is_ready(&self) -> bool {
-        !self.is_draining() && self.cluster.as_ref().is_none_or(|c| c.is_connected())
+        self.state() == NodeState::Ready
     }
 
     /// Channels this node holds (in a cluster: knows of).
@@ -261,66 +293,121 @@ impl Relay {
         self.registry.count()
     }
 
+    /// What this node tells other nodes about itself.
+    pub fn status(&self) -> NodeStatus {
+        let totals = self.metrics.totals();
+        NodeStatus {
+            state: self.state(),
+            connections: totals.connections_open,
+            channels: self
+                .registry
+                .list()
+                .iter()
+                .filter(|c| !c.is_idle_here())
+                .count() as u64,
+            messages_in: totals.messages_in,
+            max_channels: self.settings.max_channels,
+        }
+    }
+
     pub fn connections(&self) -> &TaskTracker {
         &self.connections
     }
 
-    pub(crate) fn background(&self) -> &TaskTracker {
-        &self.background
-    }
-
-    pub(crate) fn root(&self) -> &CancellationToken {
-        &self.root
-    }
-
     /// Creates a channel — in a cluster, in the shared registry, answering
-    /// only once NATS acknowledged the write — and returns it with its
-    /// token, which is never available again.
+    /// only once every node can find it — and returns it with its token,
+    /// which is never available again.
     ///
     /// # Errors
     ///
-    /// [`RelayError`]: the channel limit, or the cluster unavailable.
+    /// [`RelayError`]: the channel limit, or shared state unavailable.
     pub async fn create_channel(
         self: &Arc<Self>,
         spec: ChannelSpec,
     ) -> Result<(Arc<Channel>, Token), RelayError> {
-        let (channel, token) = match &self.cluster {
-            None => self
-                .registry
-                .create(spec, self.clock, self.root.child_token())?,
-            Some(cluster) => {
-                self.registry.check_room()?;
-                let mut created = None;
-                for _ in 0..16 {
-                    let id = ChannelId::random(self.registry.id_bytes());
-                    let token = Token::random(self.registry.token_length());
-                    let now = SystemTime::now();
-                    let record = ChannelRecord::new(&spec, token.digest(), now, cluster.node());
-                    if cluster.create_channel(&id, &record).await? {
-                        let channel = Arc::new(Channel::new(
-                            id,
-                            spec,
-                            token.digest(),
-                            now,
-                            self.clock,
-                            self.root.child_token(),
-                        ));
-                        created = Some((self.registry.adopt(channel).0, token));
-                        break;
-                    }
-                }
-                created.ok_or(CreateError::IdsExhausted)?
+        let limit = self.coordinator.channel_limit(self.settings.max_channels);
+        self.registry.check_room(limit)?;
+        for _ in 0..ID_ATTEMPTS {
+            let id = ChannelId::random(self.settings.id_bytes);
+            if self.registry.get(&id).is_some() {
+                continue;
             }
-        };
-        self.watch_expiry(&channel);
-        info!(
-            channel = %channel.id(),
-            pattern = %spec.pattern,
-            client_limit = spec.client_limit.map_or(-1, i64::from),
-            timeout_ms = spec.timeout.map_or(-1, |t| t.as_millis() as i64),
-            "channel created"
-        );
-        Ok((channel, token))
+            let token = Token::random(self.settings.token_length);
+            let shared = SharedChannel {
+                spec,
+                token: token.digest(),
+                created_at: SystemTime::now(),
+                created_by: self.settings.node_id.clone(),
+            };
+            let channel = match self.coordinator.create(&id, &shared).await? {
+                Claim::Taken => continue,
+                // The id is this channel's everywhere; the coordinator may
+                // even have told this node about it already.
+                Claim::Claimed => self.hold(self.new_channel(id, &shared)),
+                Claim::Local => {
+                    let channel = self.new_channel(id, &shared);
+                    if !self.registry.insert(Arc::clone(&channel), limit)? {
+                        continue;
+                    }
+                    self.watch_expiry(&channel);
+                    channel
+                }
+            };
+            info!(
+                channel = %channel.id(),
+                pattern = %spec.pattern,
+                client_limit = spec.client_limit.map_or(-1, i64::from),
+                timeout_ms = spec.timeout.map_or(-1, |t| t.as_millis() as i64),
+                "channel created"
+            );
+            return Ok((channel, token));
+        }
+        Err(CreateError::IdsExhausted.into())
+    }
+
+    /// A channel created now, on this node.
+    fn new_channel(&self, id: ChannelId, shared: &SharedChannel) -> Arc<Channel> {
+        Arc::new(Channel::new(
+            id,
+            shared.spec,
+            shared.token,
+            shared.created_at,
+            self.clock,
+            self.root.child_token(),
+        ))
+    }
+
+    /// Takes a channel that exists elsewhere into this node's registry
+    /// (unless it holds it already); returns the one held.
+    pub(crate) fn adopt_channel(
+        self: &Arc<Self>,
+        id: ChannelId,
+        shared: &SharedChannel,
+    ) -> Arc<Channel> {
+        if let Some(held) = self.registry.get(&id) {
+            return held;
+        }
+        let channel = self.new_channel(id, shared);
+        // Its timeout runs from creation, not from when this node heard of it.
+        channel.set_last_activity(self.clock.from_epoch_ms(epoch_ms(shared.created_at)));
+        self.hold(channel)
+    }
+
+    /// Adds a channel that exists in the shared registry (keeping one
+    /// already held under its id); returns the one held.
+    fn hold(self: &Arc<Self>, channel: Arc<Channel>) -> Arc<Channel> {
+        let (channel, new) = self.registry.adopt(channel);
+        if new {
+            self.watch_expiry(&channel);
+            let limit = self.settings.max_channels;
+            if self.registry.count() == limit + 1 {
+                warn!(
+                    limit,
+                    "this node now holds more channels than its WRS_MAX_CHANNELS: another node allows more; give every node the same limit"
+                );
+            }
+        }
+        channel
     }
 
     /// A channel this node holds.
@@ -333,46 +420,19 @@ impl Relay {
     ///
     /// # Errors
     ///
-    /// [`ClusterError`] when the shared registry cannot be read.
+    /// [`CoordinatorError`] when the shared registry cannot be read.
     pub async fn lookup(
         self: &Arc<Self>,
         id: &ChannelId,
-    ) -> Result<Option<Arc<Channel>>, ClusterError> {
+    ) -> Result<Option<Arc<Channel>>, CoordinatorError> {
         if let Some(channel) = self.registry.get(id) {
             return Ok(Some(channel));
         }
-        let Some(cluster) = &self.cluster else {
-            return Ok(None);
-        };
-        Ok(cluster
-            .fetch_channel(id)
+        Ok(self
+            .coordinator
+            .fetch(id)
             .await?
-            .and_then(|(record, _)| self.adopt(id.clone(), &record)))
-    }
-
-    /// Takes a channel from the shared registry into this node's cache.
-    pub(crate) fn adopt(
-        self: &Arc<Self>,
-        id: ChannelId,
-        record: &ChannelRecord,
-    ) -> Option<Arc<Channel>> {
-        let (spec, digest) = record.spec()?;
-        let created_at = from_epoch_ms(record.created_at_ms);
-        let channel = Arc::new(Channel::new(
-            id,
-            spec,
-            digest,
-            created_at,
-            self.clock,
-            self.root.child_token(),
-        ));
-        // Its timeout runs from creation, not from when this node heard of it.
-        channel.set_last_activity(self.clock.from_epoch_ms(record.created_at_ms));
-        let (channel, new) = self.registry.adopt(channel);
-        if new {
-            self.watch_expiry(&channel);
-        }
-        Some(channel)
+            .map(|shared| self.adopt_channel(id.clone(), &shared)))
     }
 
     /// All channels, oldest first.
@@ -385,50 +445,46 @@ impl Relay {
     ///
     /// # Errors
     ///
-    /// [`ClusterError`] when the shared registry cannot be written.
+    /// [`CoordinatorError`] when the shared registry cannot be written.
     pub async fn delete_channel(
         self: &Arc<Self>,
         id: &ChannelId,
-    ) -> Result<Option<Arc<Channel>>, ClusterError> {
-        let Some(cluster) = &self.cluster else {
-            return Ok(self.close_local(id, CloseReason::ChannelDeleted));
-        };
+    ) -> Result<Option<Arc<Channel>>, CoordinatorError> {
         let Some(channel) = self.lookup(id).await? else {
             return Ok(None);
         };
-        if !cluster.close_channel(id, "deleted", None).await? {
-            // Deleted elsewhere in the meantime.
-            return Ok(None);
-        }
-        self.close_local(id, CloseReason::ChannelDeleted);
-        Ok(Some(channel))
+        Ok(match self.coordinator.end(id, EndReason::Deleted).await? {
+            Ended::Ended => {
+                self.close_local(id, EndReason::Deleted);
+                Some(channel)
+            }
+            Ended::NotFound => None,
+            Ended::Local => self.close_local(id, EndReason::Deleted),
+        })
     }
 
-    /// Deletes every channel; returns how many there were.
+    /// Deletes every channel, including any a dead node left half-ended;
+    /// returns how many there were.
     ///
     /// # Errors
     ///
-    /// [`ClusterError`] when the shared registry cannot be written.
-    pub async fn reset(&self) -> Result<usize, ClusterError> {
+    /// [`CoordinatorError`] when the shared registry cannot be written.
+    pub async fn reset(&self) -> Result<usize, CoordinatorError> {
+        let mut ids: Vec<ChannelId> = self
+            .registry
+            .list()
+            .iter()
+            .map(|c| c.id().clone())
+            .collect();
+        ids.extend(self.coordinator.channel_ids().await?);
+        ids.sort();
+        ids.dedup();
         let mut deleted = 0;
-        match &self.cluster {
-            None => {
-                for channel in self.registry.list() {
-                    if self
-                        .close_local(channel.id(), CloseReason::ChannelDeleted)
-                        .is_some()
-                    {
-                        deleted += 1;
-                    }
-                }
-            }
-            Some(cluster) => {
-                for id in cluster.channel_ids().await? {
-                    if cluster.close_channel(&id, "deleted", None).await? {
-                        self.close_local(&id, CloseReason::ChannelDeleted);
-                        deleted += 1;
-                    }
-                }
+        for id in ids {
+            let ended = self.coordinator.end(&id, EndReason::Deleted).await?;
+            let held = self.close_local(&id, EndReason::Deleted).is_some();
+            if ended == Ended::Ended || (ended == Ended::Local && held) {
+                deleted += 1;
             }
         }
         info!(channels = deleted, "all channels deleted");
@@ -436,74 +492,69 @@ impl Relay {
     }
 
     /// Closes a channel on this node: removes it and closes its clients
-    /// here with `reason`. Returns it if it was held.
-    pub(crate) fn close_local(&self, id: &ChannelId, reason: CloseReason) -> Option<Arc<Channel>> {
+    /// here with the code for `reason`. Returns it if it was held.
+    pub fn close_local(&self, id: &ChannelId, reason: EndReason) -> Option<Arc<Channel>> {
         let channel = self.registry.remove(id)?;
-        let clients = channel.close(reason);
-        if let Some(cluster) = &self.cluster {
-            cluster.forget_members(id);
-            cluster.forget_activity(id);
-            if let Some((_, subscription)) = self.interest.remove(id) {
-                subscription.cancel();
-            }
-        }
-        let label = match reason {
-            CloseReason::ChannelTimedOut => "timed_out",
-            _ => "deleted",
-        };
-        self.metrics.channel_closed(label);
-        match reason {
-            CloseReason::ChannelTimedOut => info!(channel = %id, clients, "channel timed out"),
-            _ => info!(channel = %id, clients, "channel deleted"),
-        }
+        self.closed(&channel, reason);
         Some(channel)
     }
 
+    /// Like [`Relay::close_local`], for exactly this channel (not a later
+    /// one that reused its id).
+    fn close_exact(&self, channel: &Arc<Channel>, reason: EndReason) {
+        if self.registry.remove_exact(channel) {
+            self.closed(channel, reason);
+        }
+    }
+
+    fn closed(&self, channel: &Channel, reason: EndReason) {
+        let clients = channel.close(reason.close_reason());
+        self.coordinator.forget(channel.id());
+        self.metrics.channel_closed(reason.as_str());
+        match reason {
+            EndReason::TimedOut => info!(channel = %channel.id(), clients, "channel timed out"),
+            EndReason::Deleted => info!(channel = %channel.id(), clients, "channel deleted"),
+        }
+    }
+
     /// The channel's clients: ids, node (in a cluster) and connect times,
-    /// in join order.
-    pub fn clients(&self, channel: &Channel) -> Vec<(ClientId, Option<String>, SystemTime)> {
-        match self.cluster.as_ref().and_then(|c| c.members(channel.id())) {
-            Some(members) => members
-                .doc
-                .nodes
-                .iter()
-                .flat_map(|(node, list)| {
-                    list.iter()
-                        .map(move |m| (m.id, Some(node.clone()), from_epoch_ms(m.at)))
-                })
-                .collect(),
-            None => channel
+    /// in roster order.
+    pub fn clients(&self, channel: &Channel) -> Vec<Listed> {
+        self.coordinator.clients(channel).unwrap_or_else(|| {
+            channel
                 .clients()
                 .into_iter()
-                .map(|(id, at)| (id, None, at))
-                .collect(),
-        }
+                .map(|(id, connected_at)| Listed {
+                    id,
+                    node: None,
+                    connected_at,
+                })
+                .collect()
+        })
     }
 
     /// How many clients a channel has (cluster-wide in a cluster).
     pub fn client_count(&self, channel: &Channel) -> usize {
-        match self.cluster.as_ref().and_then(|c| c.members(channel.id())) {
-            Some(members) => members.doc.len(),
-            None => channel.client_count(),
-        }
+        self.coordinator
+            .client_count(channel)
+            .unwrap_or_else(|| channel.client_count())
     }
 
     /// Checks a connection attempt before the upgrade.
     ///
     /// # Errors
     ///
-    /// [`ConnectError`], in this order: draining (or, in a cluster, NATS
+    /// [`ConnectError`], in this order: draining (or shared state
     /// unreachable), unknown channel, missing or wrong token.
     pub async fn authorize(
         self: &Arc<Self>,
         id: &ChannelId,
         token: Option<&str>,
     ) -> Result<Arc<Channel>, ConnectError> {
-        if self.is_draining() {
-            return Err(ConnectError::Draining);
-        }
-        if self.cluster.as_ref().is_some_and(|c| !c.is_connected()) {
-            return Err(ConnectError::Unavailable);
+        match self.state() {
+            NodeState::Ready => {}
+            NodeState::Draining => return Err(ConnectError::Draining),
+            NodeState::Disconnected => return Err(ConnectError::Unavailable),
         }
         let channel = self
             .lookup(id)
@@ -517,127 +568,26 @@ impl Relay {
         Ok(channel)
     }
 
-    /// Holds a place in `channel` for a connection being upgraded. In a
-    /// cluster the place is taken in the shared roster (compare-and-set),
-    /// after this node subscribed to the channel's broadcasts.
+    /// Holds a place in `channel` for a connection being upgraded — in a
+    /// cluster, in the shared roster too.
     ///
     /// # Errors
     ///
     /// [`ConnectError::Full`] at the client limit, `NotFound` if the channel
-    /// closed meanwhile, `Unavailable` if the cluster cannot be reached.
+    /// closed meanwhile, `Unavailable` if shared state cannot be reached.
     pub async fn reserve(
         self: &Arc<Self>,
         channel: &Arc<Channel>,
     ) -> Result<Reservation, ConnectError> {
-        let closed = |e| match e {
-            JoinError::Full { limit } => ConnectError::Full { limit },
-            JoinError::Closed(_) => ConnectError::NotFound,
-        };
-        let Some(cluster) = &self.cluster else {
-            return channel.reserve().map_err(closed);
-        };
-        // Held here first, so the subscription below stays while we wait.
-        let mut reservation = channel.reserve_unchecked().map_err(closed)?;
-        self.ensure_interest(cluster, channel).await?;
-        let id = match cluster
-            .reserve(channel.id(), channel.spec().client_limit)
-            .await
-        {
-            Ok(id) => id,
-            Err(error) => {
-                let refusal = match error {
-                    ReserveError::Full { limit } => ConnectError::Full { limit },
-                    ReserveError::RosterFull { clients } => {
-                        warn!(channel = %channel.id(), clients, "channel full: its cluster roster fills a NATS message (max_payload)");
-                        ConnectError::RosterFull { clients }
-                    }
-                    ReserveError::Cluster(error) => {
-                        warn!(channel = %channel.id(), %error, "cannot reserve a place in the cluster");
-                        ConnectError::Unavailable
-                    }
-                };
-                drop(reservation);
-                self.drop_interest_if_idle(channel);
-                return Err(refusal);
-            }
-        };
-        let relay = Arc::clone(self);
-        let held = Arc::clone(channel);
-        reservation.assign(
-            id,
-            Box::new(move |id| {
-                let task = Arc::clone(&relay);
-                relay
-                    .background
-                    .spawn(async move { task.leave(&held, id).await });
-            }),
-        );
-        Ok(reservation)
+        Reservation::hold(self, channel).await
     }
 
-    /// A client left (or its upgrade failed): removes it here and, in a
-    /// cluster, from the shared roster.
-    pub async fn leave(&self, channel: &Arc<Channel>, id: ClientId) {
-        channel.leave(id);
-        if let Some(cluster) = &self.cluster {
-            // Without NATS the store calls would only wait out their
-            // retries: the heartbeat's reconciliation repairs the roster
-            // once NATS is back (or, if this node stops, the others evict
-            // it after missed heartbeats).
-            if cluster.is_connected()
-                && let Err(error) = cluster.release(channel.id(), id).await
-            {
-                warn!(channel = %channel.id(), client = %id, %error, "cannot remove a client from the cluster roster");
-            }
-            self.drop_interest_if_idle(channel);
+    /// Delivery into this node's outboxes.
+    fn outlet(&self) -> Outlet<'_> {
+        Outlet {
+            metrics: &self.metrics,
+            policy: self.settings.slow_consumer,
         }
-    }
-
-    /// Subscribes to a channel's broadcasts unless already subscribed; the
-    /// subscription is in place at the server before this returns.
-    async fn ensure_interest(
-        self: &Arc<Self>,
-        cluster: &Arc<Cluster>,
-        channel: &Arc<Channel>,
-    ) -> Result<(), ConnectError> {
-        if self.interest.contains_key(channel.id()) {
-            return Ok(());
-        }
-        let subscriber = cluster
-            .client()
-            .subscribe(cluster.all_subject(channel.id()))
-            .await
-            .map_err(|_| ConnectError::Unavailable)?;
-        cluster
-            .client()
-            .flush()
-            .await
-            .map_err(|_| ConnectError::Unavailable)?;
-        if let dashmap::Entry::Vacant(slot) = self.interest.entry(channel.id().clone()) {
-            let stop = self.root.child_token();
-            slot.insert(stop.clone());
-            self.background.spawn(crate::cluster::sync::receive(
-                Arc::clone(self),
-                subscriber,
-                stop,
-            ));
-        }
-        Ok(())
-    }
-
-    /// Ends a channel's subscription once this node has no clients in it.
-    fn drop_interest_if_idle(&self, channel: &Channel) {
-        if let Some((_, stop)) = self
-            .interest
-            .remove_if(channel.id(), |_, _| channel.is_idle_here())
-        {
-            stop.cancel();
-        }
-    }
-
-    /// Whether this node subscribes to a channel's broadcasts.
-    pub fn is_interested(&self, id: &ChannelId) -> bool {
-        self.interest.contains_key(id)
     }
 
     /// Relays one message from `sender` according to the channel's pattern.
@@ -649,22 +599,21 @@ impl Relay {
     /// caller answers the sender with an error frame.
     pub fn dispatch(
         &self,
-        channel: &Channel,
+        channel: &Arc<Channel>,
         sender: ClientId,
         message: Message,
     ) -> Result<(), FrameError> {
         let pattern = channel.pattern();
         self.metrics
             .message_in(pattern, message.payload().len() as u64);
-        match self.backplane.relay(channel, sender, message) {
+        let relayed = prepare(pattern, sender, &message).and_then(|prepared| {
+            self.coordinator
+                .relay(&self.outlet(), channel, sender, &prepared)
+        });
+        match relayed {
             Ok(delivered) => {
                 channel.touch();
-                if let (Some(cluster), Some(timeout)) = (&self.cluster, channel.spec().timeout) {
-                    // Other nodes learn of the activity, a few times per timeout.
-                    let every =
-                        (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-                    cluster.note_activity(channel.id(), every);
-                }
+                self.coordinator.note_activity(channel);
                 self.metrics
                     .delivered(pattern, delivered.frames, delivered.bytes);
                 Ok(())
@@ -676,15 +625,23 @@ impl Relay {
         }
     }
 
+    /// Delivers a message that another node relayed to this node's clients.
+    fn deliver_inbound(&self, id: &ChannelId, inbound: &Inbound) {
+        let Some(channel) = self.registry.get(id) else {
+            return;
+        };
+        let delivered = self.outlet().deliver_inbound(&channel, inbound);
+        channel.touch();
+        self.metrics.delivered(
+            channel.pattern(),
+            delivered,
+            delivered * inbound.payload.len() as u64,
+        );
+    }
+
     /// Queues a frame for one client, applying the slow-consumer policy.
-    pub fn offer(&self, channel: &ChannelId, client: &Client, frame: Bytes) -> bool {
-        offer(
-            &self.metrics,
-            self.settings.slow_consumer,
-            channel,
-            client,
-            frame,
-        )
+    pub fn offer(&self, channel: &Channel, client: &Client, frame: Bytes) -> bool {
+        self.outlet().offer(channel, client, frame)
     }
 
     /// Starts draining: readiness fails, new connections are refused and
@@ -697,25 +654,22 @@ impl Relay {
             .registry
             .list()
             .iter()
-            .map(|channel| channel.disconnect_all(CloseReason::ServerShutdown))
+            .map(|channel| channel.disconnect_all(client::CloseReason::ServerShutdown))
             .sum();
         info!(clients, "draining: closing clients with 1001");
     }
 
-    /// Waits for the connection tasks, leaves the cluster, then stops the
-    /// background tasks, up to `deadline`. Returns whether everything
+    /// Waits for the connection tasks, leaves the shared state, then stops
+    /// the background tasks, up to `deadline`. Returns whether everything
     /// finished in time.
     pub async fn stop(&self, deadline: tokio::time::Instant) -> bool {
         self.connections.close();
         let connections_done = tokio::time::timeout_at(deadline, self.connections.wait())
             .await
             .is_ok();
-        let mut left = true;
-        if let Some(cluster) = &self.cluster {
-            left = tokio::time::timeout_at(deadline, cluster.leave())
-                .await
-                .is_ok();
-        }
+        let left = tokio::time::timeout_at(deadline, self.coordinator.leave())
+            .await
+            .is_ok();
         self.root.cancel();
         self.background.close();
         let background_done = tokio::time::timeout_at(deadline, self.background.wait())
@@ -726,82 +680,10 @@ impl Relay {
 
     fn watch_expiry(self: &Arc<Self>, channel: &Arc<Channel>) {
         if channel.spec().timeout.is_some() {
-            self.background
-                .spawn(expire_when_idle(Arc::clone(self), Arc::clone(channel)));
-        }
-    }
-}
-
-/// Queues `frame` for `client`; on a full outbox applies `policy`. Returns
-/// whether the frame was queued.
-pub(crate) fn offer(
-    metrics: &Metrics,
-    policy: SlowConsumerPolicy,
-    channel: &ChannelId,
-    client: &Client,
-    frame: Bytes,
-) -> bool {
-    match client.outbox.push(frame) {
-        Ok(()) => true,
-        Err(PushError::Closed) => false,
-        Err(PushError::Full) => {
-            metrics.dropped.inc();
-            if policy == SlowConsumerPolicy::Close && client.outbox.close(CloseReason::SlowConsumer)
-            {
-                metrics.slow_consumer_closes.inc();
-                warn!(channel = %channel, client = %client.id(), "outbox full: closing slow consumer with 1008");
-            }
-            false
-        }
-    }
-}
-
-/// Deletes `channel` once nothing was relayed on it for its timeout — in a
-/// cluster, on any node: before expiring, the activity other nodes
-/// recorded is consulted, and the shared record is closed by
-/// compare-and-set so exactly one node expires it.
-async fn expire_when_idle(relay: Arc<Relay>, channel: Arc<Channel>) {
-    while let Some(deadline) = channel.deadline_ms() {
-        let wake = tokio::time::Instant::from_std(relay.clock.instant_at(deadline));
-        tokio::select! {
-            () = channel.closed() => return,
-            () = tokio::time::sleep_until(wake) => {}
-        }
-        // Activity during the sleep moved the deadline: sleep again.
-        if channel
-            .deadline_ms()
-            .is_some_and(|d| d > relay.clock.now_ms())
-        {
-            continue;
-        }
-        let Some(cluster) = &relay.cluster else {
-            relay.close_local(channel.id(), CloseReason::ChannelTimedOut);
-            return;
-        };
-        let retry = cluster.heartbeat();
-        match cluster.last_activity_ms(channel.id()).await {
-            Ok(Some(epoch)) => {
-                let seen = relay.clock.from_epoch_ms(epoch);
-                if seen > channel.last_activity_ms() {
-                    channel.note_activity_at(seen);
-                    continue;
-                }
-            }
-            Ok(None) => {}
-            Err(_) => {
-                tokio::time::sleep(retry).await;
-                continue;
-            }
-        }
-        match cluster.close_channel(channel.id(), "timed_out", None).await {
-            // Closed here; other nodes close their clients from the record.
-            Ok(true) => {
-                relay.close_local(channel.id(), CloseReason::ChannelTimedOut);
-                return;
-            }
-            // Closed elsewhere; the record's watcher closes it here.
-            Ok(false) => return,
-            Err(_) => tokio::time::sleep(retry).await,
+            self.background.spawn(expiry::expire_when_idle(
+                Arc::clone(self),
+                Arc::clone(channel),
+            ));
         }
     }
 }

@@ -6,98 +6,66 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::SystemTime;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use tokio_util::sync::CancellationToken;
 
-use super::Clock;
-use super::channel::{Channel, ChannelSpec};
-use super::ids::{ChannelId, Token};
+use super::channel::Channel;
+use super::ids::ChannelId;
 
 /// Why a channel cannot be created.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CreateError {
-    #[error("this node already holds its maximum of {max} channels")]
+    #[error("the maximum of {max} channels is reached (WRS_MAX_CHANNELS)")]
     TooManyChannels { max: usize },
     #[error("could not find a free channel id; raise WRS_ID_LENGTH")]
     IdsExhausted,
 }
 
-/// Attempts at drawing an unused id before giving up.
-const ID_ATTEMPTS: usize = 16;
-
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Registry {
     channels: DashMap<ChannelId, Arc<Channel>>,
     /// Channels held, kept exact so the limit holds under concurrent creates.
     count: AtomicUsize,
-    max_channels: usize,
-    id_bytes: usize,
-    token_length: usize,
 }
 
 impl Registry {
-    pub fn new(max_channels: usize, id_bytes: usize, token_length: usize) -> Self {
-        Self {
-            channels: DashMap::new(),
-            count: AtomicUsize::new(0),
-            max_channels,
-            id_bytes,
-            token_length,
-        }
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    /// Creates a channel with a fresh id and token; the token is returned
-    /// once, here, and only its digest is kept.
-    ///
-    /// # Errors
-    ///
-    /// [`CreateError`] at the channel limit or when no free id was found.
-    pub fn create(
-        &self,
-        spec: ChannelSpec,
-        clock: Clock,
-        closed: CancellationToken,
-    ) -> Result<(Arc<Channel>, Token), CreateError> {
-        let held = self.count.fetch_add(1, Ordering::AcqRel);
-        if held >= self.max_channels {
-            self.count.fetch_sub(1, Ordering::AcqRel);
-            return Err(CreateError::TooManyChannels {
-                max: self.max_channels,
-            });
-        }
-        for _ in 0..ID_ATTEMPTS {
-            if let Entry::Vacant(slot) = self.channels.entry(ChannelId::random(self.id_bytes)) {
-                let id = slot.key().clone();
-                let token = Token::random(self.token_length);
-                let channel = Arc::new(Channel::new(
-                    id,
-                    spec,
-                    token.digest(),
-                    SystemTime::now(),
-                    clock,
-                    closed,
-                ));
-                slot.insert(Arc::clone(&channel));
-                return Ok((channel, token));
-            }
-        }
-        self.count.fetch_sub(1, Ordering::AcqRel);
-        Err(CreateError::IdsExhausted)
-    }
-
-    /// Whether this node may hold one more channel.
+    /// Adds a channel created here, unless `limit` channels are held or
+    /// its id is taken (`Ok(false)`).
     ///
     /// # Errors
     ///
     /// [`CreateError::TooManyChannels`] at the limit.
-    pub fn check_room(&self) -> Result<(), CreateError> {
-        if self.count() >= self.max_channels {
-            Err(CreateError::TooManyChannels {
-                max: self.max_channels,
-            })
+    pub fn insert(&self, channel: Arc<Channel>, limit: usize) -> Result<bool, CreateError> {
+        let held = self.count.fetch_add(1, Ordering::AcqRel);
+        if held >= limit {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+            return Err(CreateError::TooManyChannels { max: limit });
+        }
+        match self.channels.entry(channel.id().clone()) {
+            Entry::Vacant(slot) => {
+                slot.insert(channel);
+                Ok(true)
+            }
+            Entry::Occupied(_) => {
+                self.count.fetch_sub(1, Ordering::AcqRel);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Whether one more channel fits under `limit`.
+    ///
+    /// # Errors
+    ///
+    /// [`CreateError::TooManyChannels`] at the limit.
+    pub fn check_room(&self, limit: usize) -> Result<(), CreateError> {
+        if self.count() >= limit {
+            Err(CreateError::TooManyChannels { max: limit })
         } else {
             Ok(())
         }
@@ -115,14 +83,6 @@ impl Registry {
                 (channel, true)
             }
         }
-    }
-
-    pub fn id_bytes(&self) -> usize {
-        self.id_bytes
-    }
-
-    pub fn token_length(&self) -> usize {
-        self.token_length
     }
 
     pub fn get(&self, id: &ChannelId) -> Option<Arc<Channel>> {
@@ -172,7 +132,14 @@ impl Registry {
 
 #[cfg(test)]
 mod tests {
+    use std::time::SystemTime;
+
+    use tokio_util::sync::CancellationToken;
+
     use super::*;
+    use crate::relay::channel::ChannelSpec;
+    use crate::relay::clock::Clock;
+    use crate::relay::ids::Token;
     use crate::relay::pattern::Pattern;
 
     const SPEC: ChannelSpec = ChannelSpec {
@@ -182,99 +149,79 @@ mod tests {
         welcome: false,
     };
 
-    fn create(registry: &Registry) -> Result<Arc<Channel>, CreateError> {
-        registry
-            .create(SPEC, Clock::new(), CancellationToken::new())
-            .map(|(channel, _)| channel)
+    fn channel(id: &str) -> Arc<Channel> {
+        Arc::new(Channel::new(
+            ChannelId::parse(id).unwrap(),
+            SPEC,
+            Token::random(16).digest(),
+            SystemTime::now(),
+            Clock::new(),
+            CancellationToken::new(),
+        ))
     }
 
     #[test]
-    fn create_get_remove() {
-        let registry = Registry::new(10, 4, 16);
-        let (channel, token) = registry
-            .create(SPEC, Clock::new(), CancellationToken::new())
-            .unwrap();
-        assert_eq!(token.reveal().len(), 16);
-        assert!(channel.token().matches(token.reveal()));
-        assert!(Arc::ptr_eq(&registry.get(channel.id()).unwrap(), &channel));
+    fn insert_get_remove() {
+        let registry = Registry::new();
+        let a = channel("AAAA-0001");
+        assert_eq!(registry.insert(Arc::clone(&a), 10), Ok(true));
+        assert!(Arc::ptr_eq(&registry.get(a.id()).unwrap(), &a));
         assert_eq!(registry.count(), 1);
-        assert!(registry.remove(channel.id()).is_some());
-        assert!(registry.remove(channel.id()).is_none());
-        assert!(!registry.remove_exact(&channel));
+        // The id is taken: the second one is not added and not counted.
+        assert_eq!(registry.insert(channel("AAAA-0001"), 10), Ok(false));
+        assert_eq!(registry.count(), 1);
+        assert!(registry.remove(a.id()).is_some());
+        assert!(registry.remove(a.id()).is_none());
+        assert!(!registry.remove_exact(&a));
         assert_eq!(registry.count(), 0);
     }
 
     #[test]
     fn enforces_the_channel_limit() {
-        let registry = Registry::new(2, 4, 16);
-        let a = create(&registry).unwrap();
-        create(&registry).unwrap();
+        let registry = Registry::new();
+        let a = channel("AAAA-0001");
+        registry.insert(Arc::clone(&a), 2).unwrap();
+        registry.insert(channel("AAAA-0002"), 2).unwrap();
         assert_eq!(
-            create(&registry).unwrap_err(),
-            CreateError::TooManyChannels { max: 2 }
+            registry.insert(channel("AAAA-0003"), 2),
+            Err(CreateError::TooManyChannels { max: 2 })
+        );
+        assert_eq!(
+            registry.check_room(2),
+            Err(CreateError::TooManyChannels { max: 2 })
         );
         assert!(registry.remove_exact(&a));
-        assert!(create(&registry).is_ok());
+        assert_eq!(registry.check_room(2), Ok(()));
+        assert_eq!(registry.insert(channel("AAAA-0003"), 2), Ok(true));
         assert_eq!(registry.count(), 2);
     }
 
     #[test]
-    fn a_tiny_id_space_reports_exhaustion_instead_of_spinning() {
-        // Two id bytes give 65 536 ids; fill most of them.
-        let registry = Registry::new(usize::MAX, 2, 8);
-        let mut exhausted = false;
-        for _ in 0..70_000 {
-            if matches!(create(&registry), Err(CreateError::IdsExhausted)) {
-                exhausted = true;
-                break;
-            }
-        }
-        assert!(exhausted);
-        assert!(registry.count() <= 65_536);
-    }
-
-    #[test]
-    fn adopting_keeps_the_channel_already_held() {
-        let registry = Registry::new(10, 4, 16);
-        let mine = create(&registry).unwrap();
-        let twin = Arc::new(Channel::new(
-            mine.id().clone(),
-            SPEC,
-            Token::random(16).digest(),
-            SystemTime::now(),
-            Clock::new(),
-            CancellationToken::new(),
-        ));
+    fn adopting_keeps_the_channel_already_held_and_counts_past_the_limit() {
+        let registry = Registry::new();
+        let mine = channel("ABCD-0001");
+        registry.insert(Arc::clone(&mine), 1).unwrap();
+        let twin = channel("ABCD-0001");
         assert!(Arc::ptr_eq(&registry.adopt(twin).0, &mine));
         assert_eq!(registry.count(), 1);
-        let stranger = Arc::new(Channel::new(
-            ChannelId::parse("ABCD-0123").unwrap(),
-            SPEC,
-            Token::random(16).digest(),
-            SystemTime::now(),
-            Clock::new(),
-            CancellationToken::new(),
-        ));
-        assert!(Arc::ptr_eq(
-            &registry.adopt(Arc::clone(&stranger)).0,
-            &stranger
-        ));
+        // Channels that exist elsewhere are held whatever the limit.
+        let stranger = channel("ABCD-0123");
+        let (held, new) = registry.adopt(Arc::clone(&stranger));
+        assert!(new && Arc::ptr_eq(&held, &stranger));
         assert_eq!(registry.count(), 2);
     }
 
     #[test]
     fn lists_oldest_first() {
-        let registry = Registry::new(10, 4, 16);
-        let ids: Vec<_> = (0..5)
-            .map(|_| create(&registry).unwrap().id().clone())
-            .collect();
-        let listed: Vec<_> = registry.list().iter().map(|c| c.id().clone()).collect();
-        let mut sorted_ids = ids.clone();
-        sorted_ids.sort();
-        let mut sorted_listed = listed.clone();
-        sorted_listed.sort();
-        assert_eq!(sorted_ids, sorted_listed);
-        for pair in registry.list().windows(2) {
+        let registry = Registry::new();
+        for i in 0..5 {
+            registry
+                .insert(channel(&format!("AAAA-000{i}")), 10)
+                .unwrap();
+        }
+        let listed = registry.list();
+        assert_eq!(listed.len(), 5);
+        for pair in listed.windows(2) {
             assert!(pair[0].created_at() <= pair[1].created_at());
         }
     }

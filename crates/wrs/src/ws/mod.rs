@@ -29,9 +29,9 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::relay::channel::{Channel, Reservation};
+use crate::relay::admission::Member;
+use crate::relay::channel::Channel;
 use crate::relay::client::{Client, CloseReason};
-use crate::relay::ids::ClientId;
 use crate::relay::{Message, Relay};
 use codec::{Decoder, Event, OpCode, ProtocolError, close_code};
 
@@ -42,79 +42,26 @@ const MAX_IOV: usize = 64;
 /// How long the closing handshake may take before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Makes a reserved place a member of its channel, before the handshake is
-/// answered: once a client sees 101, messages sent to its channel reach it
-/// (they wait in its outbox until its connection task runs). The welcome
-/// frame, if the channel sends one, is queued first.
-///
-/// # Errors
-///
-/// Why the client cannot join: the channel closed since the reservation,
-/// or the server began draining (the client is then removed again).
-pub(crate) async fn admit(
-    reservation: Reservation,
-    relay: &Relay,
-) -> Result<(Arc<Channel>, Arc<Client>), CloseReason> {
-    let (channel, client) = reservation.admit(relay.settings().queue)?;
-    // Draining began after the checks: the drain sweep may have missed it.
-    if relay.is_draining() {
-        relay.leave(&channel, client.id()).await;
-        return Err(CloseReason::ServerShutdown);
-    }
-    relay.metrics().connections_open.inc();
-    if channel.spec().welcome {
-        relay.offer(
-            channel.id(),
-            &client,
-            codec::encode(OpCode::Text, hello(&channel, client.id()).as_bytes()),
-        );
-    }
-    debug!(channel = %channel.id(), client = %client.id(), "client admitted");
-    Ok((channel, client))
-}
-
-/// Removes an admitted client whose connection never switched protocols.
-pub(crate) async fn abandon(relay: &Relay, channel: &Arc<Channel>, client: &Client) {
-    relay.leave(channel, client.id()).await;
-    relay.metrics().connections_open.dec();
-}
-
-/// Runs an upgraded connection of an admitted client to completion.
-pub(crate) async fn serve(
-    upgraded: Upgraded,
-    channel: Arc<Channel>,
-    client: Arc<Client>,
-    relay: Arc<Relay>,
-) {
+/// Runs an upgraded connection of an admitted client to completion; the
+/// client leaves when it ends (dropping `member`).
+pub(crate) async fn serve(upgraded: Upgraded, member: Member) {
+    let (relay, channel, client) = (member.relay(), member.channel(), member.client());
     let ending = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let (reader, writer) = parts.io.into_inner().into_split();
             let writer = send::SendHalf::new(writer);
-            Connection::new(reader, writer, parts.read_buf, &relay, &channel, &client)
+            Connection::new(reader, writer, parts.read_buf, relay, channel, client)
                 .run()
                 .await
         }
         Err(upgraded) => {
             let (reader, writer) = tokio::io::split(TokioIo::new(upgraded));
-            Connection::new(reader, writer, Bytes::new(), &relay, &channel, &client)
+            Connection::new(reader, writer, Bytes::new(), relay, channel, client)
                 .run()
                 .await
         }
     };
-    relay.leave(&channel, client.id()).await;
-    relay.metrics().connections_open.dec();
     debug!(channel = %channel.id(), client = %client.id(), ending = %ending, "client disconnected");
-}
-
-/// The optional welcome frame.
-fn hello(channel: &Channel, client: ClientId) -> String {
-    serde_json::json!({
-        "type": "hello",
-        "clientId": client,
-        "channel": channel.id().as_str(),
-        "pattern": channel.pattern(),
-    })
-    .to_string()
 }
 
 /// How a connection ended.
@@ -280,7 +227,7 @@ impl<'a, R: Source, W: AsyncWrite + Unpin + Send> Connection<'a, R, W> {
                 Ok(Some(Event::Binary(payload))) => self.relay_message(Message::Binary(payload)),
                 Ok(Some(Event::Ping(payload))) => {
                     self.relay.offer(
-                        self.channel.id(),
+                        self.channel,
                         self.client,
                         codec::encode(OpCode::Pong, &payload),
                     );
@@ -301,7 +248,7 @@ impl<'a, R: Source, W: AsyncWrite + Unpin + Send> Connection<'a, R, W> {
     fn relay_message(&mut self, message: Message) {
         if let Err(error) = self.relay.dispatch(self.channel, self.client.id(), message) {
             self.relay.offer(
-                self.channel.id(),
+                self.channel,
                 self.client,
                 codec::encode(OpCode::Text, error.to_json().as_bytes()),
             );

@@ -1,0 +1,421 @@
+//! A typed view of one JetStream key-value bucket: values are JSON of one
+//! type, every operation retries transient failures (a NATS server lost,
+//! leaders being elected) for up to [`STORE_RETRY`] with back-off, and
+//! conditional writes report a lost race as a value, not an error.
+//!
+//! A value that cannot be decoded is an error ([`CoordinatorError::Corrupt`]),
+//! never a default: writing back over it would lose what it holds.
+//!
+//! [`Bucket::follow`] is the one watch loop of the cluster: every current
+//! entry first, then each change, restarted with a full replay after any
+//! failure.
+
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::relay::coordinator::CoordinatorError;
+
+/// How long a store operation is retried while NATS fails over before the
+/// request gives up (with 503).
+pub const STORE_RETRY: Duration = Duration::from_secs(10);
+
+/// Pause before a failed watch is set up again.
+const WATCH_RETRY: Duration = Duration::from_millis(500);
+
+/// A value and the revision it was read (or written) at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Versioned<T> {
+    pub value: T,
+    pub revision: u64,
+    /// Bytes of the stored value.
+    pub size: usize,
+}
+
+/// What a watch of a bucket reports.
+#[derive(Debug)]
+pub enum Seen<T> {
+    /// A key's value. `value` is an error for a value that cannot be read.
+    Value {
+        key: String,
+        revision: u64,
+        /// Bytes of the stored value.
+        size: usize,
+        /// When it was written.
+        written: std::time::SystemTime,
+        value: Result<T, CoordinatorError>,
+    },
+    /// A key was deleted or purged; `marker` is what the marker carried.
+    Removed { key: String, marker: Bytes },
+    /// Every entry present when the watch (re)started has been reported.
+    Current,
+    /// The watch failed and starts over with a full replay.
+    Restarting,
+}
+
+/// One bucket holding values of type `T`.
+#[derive(Debug)]
+pub struct Bucket<T> {
+    store: kv::Store,
+    jetstream: async_nats::jetstream::Context,
+    /// The subject prefix of the bucket's keys (`$KV.<bucket>.`).
+    prefix: String,
+    _values: PhantomData<fn() -> T>,
+}
+
+impl<T: Serialize + DeserializeOwned> Bucket<T> {
+    pub fn new(store: kv::Store, jetstream: async_nats::jetstream::Context) -> Self {
+        let prefix = store
+            .put_prefix
+            .clone()
+            .unwrap_or_else(|| store.prefix.clone());
+        Self {
+            store,
+            jetstream,
+            prefix,
+            _values: PhantomData,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.store.name
+    }
+
+    /// The stored form of `value`.
+    ///
+    /// # Errors
+    ///
+    /// Only for values serde cannot write (never for the record types).
+    pub fn encode(value: &T) -> Result<Bytes, CoordinatorError> {
+        serde_json::to_vec(value)
+            .map(Bytes::from)
+            .map_err(|e| CoordinatorError::Unavailable(e.to_string()))
+    }
+
+    fn decode(&self, key: &str, revision: u64, raw: &[u8]) -> Result<T, CoordinatorError> {
+        serde_json::from_slice(raw).map_err(|e| CoordinatorError::Corrupt {
+            what: format!("{} {key:?} at revision {revision}", self.store.name),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The current value of `key`.
+    ///
+    /// # Errors
+    ///
+    /// Unavailable after the retries, or `Corrupt`.
+    pub async fn get(&self, key: &str) -> Result<Option<Versioned<T>>, CoordinatorError> {
+        let mut retry = Retry::new();
+        let entry = loop {
+            match self.store.entry(key).await {
+                Ok(entry) => break entry,
+                Err(e) => retry.wait(e).await?,
+            }
+        };
+        let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+            return Ok(None);
+        };
+        Ok(Some(Versioned {
+            value: self.decode(key, entry.revision, &entry.value)?,
+            revision: entry.revision,
+            size: entry.value.len(),
+        }))
+    }
+
+    /// Stores `value` under `key` unless the key holds a value; `None` if
+    /// it does.
+    ///
+    /// # Errors
+    ///
+    /// Unavailable after the retries.
+    pub async fn create(&self, key: &str, value: &T) -> Result<Option<u64>, CoordinatorError> {
+        let bytes = Self::encode(value)?;
+        let mut retry = Retry::new();
+        loop {
+            match self.store.create(key, bytes.clone()).await {
+                Ok(revision) => return Ok(Some(revision)),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => return Ok(None),
+                Err(e) => retry.wait(e).await?,
+            }
+        }
+    }
+
+    /// Stores `value` if the key is still at `revision` (0: absent);
+    /// `None` if someone wrote first.
+    ///
+    /// # Errors
+    ///
+    /// Unavailable after the retries.
+    pub async fn update(
+        &self,
+        key: &str,
+        value: &T,
+        revision: u64,
+    ) -> Result<Option<u64>, CoordinatorError> {
+        self.update_encoded(key, Self::encode(value)?, revision)
+            .await
+    }
+
+    /// [`Bucket::update`] with the value already encoded.
+    ///
+    /// # Errors
+    ///
+    /// Unavailable after the retries.
+    pub async fn update_encoded(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        revision: u64,
+    ) -> Result<Option<u64>, CoordinatorError> {
+        let mut retry = Retry::new();
+        if revision == 0 {
+            loop {
+                match self.store.create(key, bytes.clone()).await {
+                    Ok(revision) => return Ok(Some(revision)),
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => return Ok(None),
+                    Err(e) => retry.wait(e).await?,
+                }
+            }
+        }
+        loop {
+            match self.store.update(key, bytes.clone(), revision).await {
+                Ok(revision) => return Ok(Some(revision)),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => return Ok(None),
+                Err(e) => retry.wait(e).await?,
+            }
+        }
+    }
+
+    /// Stores `value` whatever the key holds.
+    ///
+    /// # Errors
+    ///
+    /// Unavailable (no retries: callers write again on their next beat).
+    pub async fn put(&self, key: &str, value: &T) -> Result<u64, CoordinatorError> {
+        self.store
+            .put(key, Self::encode(value)?)
+            .await
+            .map_err(|e| CoordinatorError::Unavailable(e.to_string()))
+    }
+
+    /// Deletes `key` (if still at `revision`, when given); false if the
+    /// revision did not match.
+    ///
+    /// # Errors
+    ///
+    /// Unavailable after the retries.
+    pub async fn delete(&self, key: &str, revision: Option<u64>) -> Result<bool, CoordinatorError> {
+        let mut retry = Retry::new();
+        loop {
+            match self.store.delete_expect_revision(key, revision).await {
+                Ok(()) => return Ok(true),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => return Ok(false),
+                Err(e) => retry.wait(e).await?,
+            }
+        }
+    }
+
+    /// Ends `key` in one write, if it is still at `revision`: all its
+    /// values are purged and a marker carrying `marker` stays for `ttl`
+    /// (watchers see the marker with its payload; then the key is gone for
+    /// good). False if the revision did not match.
+    ///
+    /// # Errors
+    ///
+    /// Unavailable after the retries.
+    pub async fn purge_with_marker(
+        &self,
+        key: &str,
+        revision: u64,
+        marker: Bytes,
+        ttl: Duration,
+    ) -> Result<bool, CoordinatorError> {
+        let subject = format!("{}{key}", self.prefix);
+        let mut headers = HeaderMap::new();
+        headers.insert("KV-Operation", "PURGE");
+        headers.insert("Nats-Rollup", "sub");
+        headers.insert("Nats-TTL", ttl.as_secs().max(1).to_string().as_str());
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            revision.to_string().as_str(),
+        );
+        let mut retry = Retry::new();
+        loop {
+            let published = self
+                .jetstream
+                .publish_with_headers(subject.clone(), headers.clone(), marker.clone())
+                .await;
+            let acked = match published {
+                Ok(ack) => ack.await,
+                Err(e) => {
+                    retry.wait(e).await?;
+                    continue;
+                }
+            };
+            match acked {
+                Ok(_) => return Ok(true),
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => return Ok(false),
+                Err(e) => retry.wait(e).await?,
+            }
+        }
+    }
+
+    /// Every key that holds a value.
+    ///
+    /// # Errors
+    ///
+    /// Unavailable.
+    pub async fn keys(&self) -> Result<Vec<String>, CoordinatorError> {
+        let keys = self
+            .store
+            .keys()
+            .await
+            .map_err(|e| CoordinatorError::Unavailable(e.to_string()))?;
+        keys.try_collect()
+            .await
+            .map_err(|e| CoordinatorError::Unavailable(e.to_string()))
+    }
+
+    /// The value of `key` and when it was written.
+    ///
+    /// # Errors
+    ///
+    /// Unavailable, or `Corrupt`.
+    pub async fn get_with_time(
+        &self,
+        key: &str,
+    ) -> Result<Option<(T, std::time::SystemTime)>, CoordinatorError> {
+        let entry = self
+            .store
+            .entry(key)
+            .await
+            .map_err(|e| CoordinatorError::Unavailable(e.to_string()))?;
+        let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+            return Ok(None);
+        };
+        let value = self.decode(key, entry.revision, &entry.value)?;
+        Ok(Some((value, std::time::SystemTime::from(entry.created))))
+    }
+
+    /// Reports every entry of the bucket to `on`, then every change, until
+    /// `stop`; after a failure it starts over with a full replay (preceded
+    /// by [`Seen::Restarting`]).
+    pub async fn follow<F>(&self, stop: &CancellationToken, mut on: F)
+    where
+        F: FnMut(Seen<T>),
+    {
+        loop {
+            self.follow_once(stop, &mut on).await;
+            if stop.is_cancelled() {
+                return;
+            }
+            on(Seen::Restarting);
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(WATCH_RETRY) => {}
+            }
+        }
+    }
+
+    async fn follow_once<F>(&self, stop: &CancellationToken, on: &mut F)
+    where
+        F: FnMut(Seen<T>),
+    {
+        // An empty bucket replays nothing, so nothing would say "current".
+        let empty = match self.store.status().await {
+            Ok(status) => status.values() == 0,
+            Err(error) => {
+                warn!(bucket = %self.store.name, %error, "cannot read the bucket's state");
+                return;
+            }
+        };
+        let mut watch = match self.store.watch_with_history(">").await {
+            Ok(watch) => watch,
+            Err(error) => {
+                warn!(bucket = %self.store.name, %error, "cannot watch the bucket");
+                return;
+            }
+        };
+        let mut current = empty;
+        if current {
+            on(Seen::Current);
+        }
+        loop {
+            let entry = tokio::select! {
+                () = stop.cancelled() => return,
+                entry = watch.next() => entry,
+            };
+            let entry = match entry {
+                Some(Ok(entry)) => entry,
+                Some(Err(error)) => {
+                    warn!(bucket = %self.store.name, %error, "watch failed; replaying the bucket");
+                    return;
+                }
+                None => return,
+            };
+            let seen = match entry.operation {
+                kv::Operation::Put => Seen::Value {
+                    value: self.decode(&entry.key, entry.revision, &entry.value),
+                    size: entry.value.len(),
+                    written: std::time::SystemTime::from(entry.created),
+                    key: entry.key,
+                    revision: entry.revision,
+                },
+                kv::Operation::Delete | kv::Operation::Purge => Seen::Removed {
+                    key: entry.key,
+                    marker: entry.value,
+                },
+            };
+            on(seen);
+            if !current && entry.delta == 0 {
+                current = true;
+                on(Seen::Current);
+            }
+        }
+    }
+}
+
+/// Retries transient store failures with back-off for [`STORE_RETRY`].
+pub struct Retry {
+    deadline: Instant,
+    delay: Duration,
+}
+
+impl Retry {
+    pub fn new() -> Self {
+        Self {
+            deadline: Instant::now() + STORE_RETRY,
+            delay: Duration::from_millis(25),
+        }
+    }
+
+    /// Waits before the next attempt, or gives up with the error.
+    ///
+    /// # Errors
+    ///
+    /// [`CoordinatorError::Unavailable`] once the time is up.
+    pub async fn wait<E: std::fmt::Display>(&mut self, error: E) -> Result<(), CoordinatorError> {
+        if Instant::now() + self.delay > self.deadline {
+            return Err(CoordinatorError::Unavailable(error.to_string()));
+        }
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(Duration::from_millis(500));
+        Ok(())
+    }
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,319 @@
+//! Messages between nodes, on core NATS subjects:
+//!
+//! - `<prefix>.ch.<channel>.all` — broadcasts (pub-sub, req-repl
+//!   requests). A node subscribes while it has clients in the channel, so
+//!   NATS carries one copy per interested node, never one per client.
+//! - `<prefix>.node.<node>` — messages for one client on that node
+//!   (round-robin picks and replies), headers naming the target.
+//!
+//! Routing is the same pure [`pattern::route`] as standalone, over the
+//! cluster roster. Publishing never waits: messages go through a bounded
+//! queue to a publisher task; beyond it they are dropped and counted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use dashmap::DashMap;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::NatsCoordinator;
+use crate::relay::Delivered;
+use crate::relay::channel::Channel;
+use crate::relay::coordinator::{CoordinatorError, JoinRefusal};
+use crate::relay::deliver::{Fallback, Inbound, Outlet, Prepared, unknown_origin};
+use crate::relay::ids::{ChannelId, ClientId};
+use crate::relay::pattern::{self, Intent, Receivers, Roster};
+use crate::relay::subprotocol::FrameError;
+use crate::ws::codec::OpCode;
+
+/// Messages waiting to be published to NATS; beyond this they are dropped
+/// and counted, never buffered without bound.
+pub const PUBLISH_QUEUE: usize = 65_536;
+
+const CHANNEL: &str = "Wrs-Channel";
+const SENDER: &str = "Wrs-Sender";
+const KIND: &str = "Wrs-Kind";
+const TARGET: &str = "Wrs-Target";
+const MODE: &str = "Wrs-Mode";
+
+/// How a message for one client is handled if that client is gone.
+const MODE_PICK: &str = "pick";
+const MODE_EXACT: &str = "exact";
+
+/// A message for NATS.
+#[derive(Debug)]
+struct Outgoing {
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+}
+
+#[derive(Debug)]
+pub(super) struct Transport {
+    /// Channels whose broadcasts this node subscribes to (those with
+    /// clients here), with the token that ends the subscription.
+    interest: DashMap<ChannelId, CancellationToken>,
+    outgoing_tx: mpsc::Sender<Outgoing>,
+    outgoing_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
+}
+
+impl Transport {
+    pub(super) fn new() -> Self {
+        let (outgoing_tx, outgoing_rx) = mpsc::channel(PUBLISH_QUEUE);
+        Self {
+            interest: DashMap::new(),
+            outgoing_tx,
+            outgoing_rx: Mutex::new(Some(outgoing_rx)),
+        }
+    }
+}
+
+fn headers(channel: &ChannelId, sender: ClientId, opcode: OpCode) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(CHANNEL, channel.as_str());
+    headers.insert(SENDER, sender.to_string().as_str());
+    headers.insert(
+        KIND,
+        if opcode == OpCode::Binary {
+            "binary"
+        } else {
+            "text"
+        },
+    );
+    headers
+}
+
+impl NatsCoordinator {
+    /// Broadcast subject of a channel.
+    fn all_subject(&self, channel: &ChannelId) -> String {
+        format!("{}.ch.{channel}.all", self.prefix)
+    }
+
+    /// Direct subject of a node.
+    fn node_subject(&self, node: &str) -> String {
+        format!("{}.node.{node}", self.prefix)
+    }
+
+    /// Starts the publisher and the receiver of this node's direct subject.
+    pub(super) async fn start_transport(&self) -> Result<(), CoordinatorError> {
+        let Some(me) = self.me() else {
+            return Ok(());
+        };
+        if let Some(outgoing) = self.transport.outgoing_rx.lock().take() {
+            let me = Arc::clone(&me);
+            self.spawn(async move { me.publish(outgoing).await });
+        }
+        let direct = self
+            .store
+            .client
+            .subscribe(self.node_subject(&self.node))
+            .await
+            .map_err(|e| CoordinatorError::Unavailable(e.to_string()))?;
+        self.spawn(async move { me.receive(direct).await });
+        Ok(())
+    }
+
+    /// Queues a message for NATS without waiting.
+    fn send(&self, outgoing: Outgoing) {
+        match self.transport.outgoing_tx.try_send(outgoing) {
+            Ok(()) => self.metrics.cluster.published.inc(),
+            Err(_) => self.metrics.cluster.dropped.inc(),
+        };
+    }
+
+    /// Moves queued messages into the NATS client. A message NATS refuses
+    /// (larger than the `max_payload` of the server it is connected to now)
+    /// is counted as dropped and logged, at most once per interval.
+    async fn publish(&self, mut outgoing: mpsc::Receiver<Outgoing>) {
+        const WARN_EVERY: Duration = Duration::from_secs(10);
+        let mut last_warning: Option<Instant> = None;
+        while let Some(message) = outgoing.recv().await {
+            let published = self
+                .store
+                .client
+                .publish_with_headers(message.subject, message.headers, message.payload)
+                .await;
+            if let Err(error) = published {
+                self.metrics.cluster.dropped.inc();
+                if last_warning.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                    last_warning = Some(Instant::now());
+                    warn!(%error, "a message could not be published to NATS and was dropped (counted in wrs_cluster_messages_dropped_total)");
+                }
+            }
+        }
+    }
+
+    /// Delivers what arrives on one subscription until it ends (dropping
+    /// the subscriber unsubscribes).
+    async fn receive(&self, mut subscriber: async_nats::Subscriber) {
+        while let Some(message) = subscriber.next().await {
+            self.metrics.cluster.received.inc();
+            let Some((channel, inbound)) = inbound(&message) else {
+                continue;
+            };
+            if let Some(handle) = self.handle() {
+                handle.deliver(&channel, &inbound);
+            }
+        }
+    }
+
+    /// Subscribes to a channel's broadcasts unless already subscribed; the
+    /// subscription is in place at the server before this returns.
+    pub(super) async fn ensure_interest(&self, channel: &Channel) -> Result<(), JoinRefusal> {
+        if self.transport.interest.contains_key(channel.id()) {
+            return Ok(());
+        }
+        let unavailable = |e: String| JoinRefusal::Unavailable(CoordinatorError::Unavailable(e));
+        let subscriber = self
+            .store
+            .client
+            .subscribe(self.all_subject(channel.id()))
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        self.store
+            .client
+            .flush()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        if let (dashmap::Entry::Vacant(slot), Some(me), Some(tasks)) = (
+            self.transport.interest.entry(channel.id().clone()),
+            self.me(),
+            self.tasks(),
+        ) {
+            let stop = tasks.stop().child_token();
+            slot.insert(stop.clone());
+            self.spawn(async move {
+                stop.run_until_cancelled(me.receive(subscriber)).await;
+            });
+        }
+        Ok(())
+    }
+
+    /// Ends a channel's subscription once this node has no clients (and no
+    /// connects under way) in it.
+    pub(super) fn drop_interest_if_idle(&self, channel: &Channel) {
+        if let Some((_, stop)) = self
+            .transport
+            .interest
+            .remove_if(channel.id(), |_, _| channel.is_idle_here())
+        {
+            stop.cancel();
+        }
+    }
+
+    pub(super) fn drop_interest(&self, channel: &ChannelId) {
+        if let Some((_, stop)) = self.transport.interest.remove(channel) {
+            stop.cancel();
+        }
+    }
+
+    /// Relays a message over the cluster roster: receivers here get outbox
+    /// pushes; a broadcast costs one NATS message for all other interested
+    /// nodes; a message for one client elsewhere goes to its node.
+    pub(super) fn relay_message(
+        &self,
+        outlet: &Outlet<'_>,
+        channel: &Channel,
+        sender: ClientId,
+        prepared: &Prepared,
+    ) -> Result<Delivered, FrameError> {
+        let Some((roster, others)) = self.roster(channel.id()) else {
+            return outlet.route_locally(channel, sender, prepared);
+        };
+        let Some(sender_at) = roster.position(sender) else {
+            // Not in the shared roster yet (or any more): this node's view.
+            return outlet.route_locally(channel, sender, prepared);
+        };
+        let frame = prepared.frame();
+        let mut attempts = roster.len();
+        loop {
+            let receivers = pattern::route(
+                channel.pattern(),
+                &*roster,
+                sender_at,
+                prepared.intent,
+                channel.turns(),
+            )
+            .map_err(unknown_origin)?;
+            match receivers {
+                Receivers::Nobody => return Ok(Delivered::default()),
+                Receivers::Sender => {
+                    let delivered = outlet.offer_to(channel, sender, frame);
+                    return Ok(prepared.delivered(u64::from(delivered)));
+                }
+                Receivers::AllButSender => {
+                    let frames = outlet.offer_all_but(channel, Some(sender), &frame);
+                    if others {
+                        self.send(Outgoing {
+                            subject: self.all_subject(channel.id()),
+                            headers: headers(channel.id(), sender, prepared.opcode),
+                            payload: prepared.payload.clone(),
+                        });
+                    }
+                    // Remote nodes count their own deliveries.
+                    return Ok(prepared.delivered(frames));
+                }
+                Receivers::One(position) => {
+                    let Some((target, node)) = roster.entry(position) else {
+                        return Ok(Delivered::default());
+                    };
+                    let exact = matches!(prepared.intent, Intent::Reply { .. });
+                    if node != &*self.node {
+                        let mut headers = headers(channel.id(), sender, prepared.opcode);
+                        headers.insert(TARGET, target.to_string().as_str());
+                        headers.insert(MODE, if exact { MODE_EXACT } else { MODE_PICK });
+                        self.send(Outgoing {
+                            subject: self.node_subject(node),
+                            headers,
+                            payload: prepared.payload.clone(),
+                        });
+                        return Ok(Delivered::default());
+                    }
+                    if outlet.offer_to(channel, target, frame.clone()) {
+                        return Ok(prepared.delivered(1));
+                    }
+                    attempts -= 1;
+                    if attempts == 0 || exact {
+                        return Ok(Delivered::default());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads a relayed message's headers.
+fn inbound(message: &async_nats::Message) -> Option<(ChannelId, Inbound)> {
+    let headers = message.headers.as_ref()?;
+    let header = |name: &str| headers.get(name).map(|v| v.as_str());
+    let channel = header(CHANNEL).and_then(ChannelId::parse)?;
+    let opcode = if header(KIND) == Some("binary") {
+        OpCode::Binary
+    } else {
+        OpCode::Text
+    };
+    let fallback = if header(MODE) == Some(MODE_PICK) {
+        Fallback::NextInTurn
+    } else {
+        Fallback::Nobody
+    };
+    let target = header(TARGET)
+        .and_then(ClientId::parse)
+        .map(|target| (target, fallback));
+    Some((
+        channel,
+        Inbound {
+            opcode,
+            payload: message.payload.clone(),
+            sender: header(SENDER).and_then(ClientId::parse),
+            target,
+        },
+    ))
+}

@@ -1,0 +1,250 @@
+//! Putting frames into this node's outboxes: the one place where a message
+//! reaches a local client. A coordinator decides *who* receives a message
+//! (over this node's roster, or over the cluster's); what it does for
+//! receivers on this node goes through an [`Outlet`].
+
+use bytes::Bytes;
+
+use super::channel::Channel;
+use super::client::{Client, CloseReason, PushError};
+use super::ids::ClientId;
+use super::pattern::{self, Intent, Pattern, Receivers, Roster, RouteError};
+use super::subprotocol::{self, Envelope, FrameError};
+use super::{Delivered, Message, SlowConsumerPolicy};
+use crate::metrics::Metrics;
+use crate::ws::codec::{self, OpCode};
+
+/// A message classified for routing, with the payload its receivers get.
+#[derive(Debug)]
+pub struct Prepared {
+    pub intent: Intent,
+    pub opcode: OpCode,
+    /// Unchanged for the plain patterns and replies, stamped with `origin`
+    /// for requests.
+    pub payload: Bytes,
+}
+
+impl Prepared {
+    /// The WebSocket frame receivers get (encode once, share it).
+    pub fn frame(&self) -> Bytes {
+        codec::encode(self.opcode, &self.payload)
+    }
+
+    /// `frames` deliveries of this message.
+    pub fn delivered(&self, frames: u64) -> Delivered {
+        Delivered {
+            frames,
+            bytes: frames * self.payload.len() as u64,
+        }
+    }
+}
+
+/// Classifies a message for routing: plain for `echo`, `pub-sub` and
+/// `push-pull`; a request (stamped with the sender as `origin`) or a reply
+/// for the sub-protocol patterns.
+///
+/// # Errors
+///
+/// A [`FrameError`] for a sub-protocol frame that cannot be relayed.
+pub fn prepare(
+    pattern: Pattern,
+    sender: ClientId,
+    message: &Message,
+) -> Result<Prepared, FrameError> {
+    if !pattern.uses_subprotocol() {
+        let (opcode, payload) = match message {
+            Message::Text(payload) => (OpCode::Text, payload),
+            Message::Binary(payload) => (OpCode::Binary, payload),
+        };
+        return Ok(Prepared {
+            intent: Intent::Plain,
+            opcode,
+            payload: payload.clone(),
+        });
+    }
+    let Message::Text(payload) = message else {
+        return Err(FrameError::BinaryFrame);
+    };
+    // The codec validated text frames; this cannot fail for them.
+    let text = std::str::from_utf8(payload).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
+    let (intent, payload) = match subprotocol::parse(text)? {
+        Envelope::Request(fields) => (Intent::Request, Bytes::from(fields.with_origin(sender))),
+        Envelope::Reply { origin } => (Intent::Reply { origin }, payload.clone()),
+    };
+    Ok(Prepared {
+        intent,
+        opcode: OpCode::Text,
+        payload,
+    })
+}
+
+/// Who may take a message addressed to one client of this node whose
+/// target is gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fallback {
+    /// A round-robin pick: the next local client in turn takes it.
+    NextInTurn,
+    /// A reply: nobody else.
+    Nobody,
+}
+
+/// A message that arrived from another node for this node's clients.
+#[derive(Debug)]
+pub struct Inbound {
+    pub opcode: OpCode,
+    pub payload: Bytes,
+    /// The client that sent it (never delivered back to it).
+    pub sender: Option<ClientId>,
+    /// One client, or every local client but the sender.
+    pub target: Option<(ClientId, Fallback)>,
+}
+
+/// Delivery into this node's outboxes, with the slow-consumer policy and
+/// the counters. Cheap to make: two references.
+#[derive(Clone, Copy, Debug)]
+pub struct Outlet<'a> {
+    pub metrics: &'a Metrics,
+    pub policy: SlowConsumerPolicy,
+}
+
+impl Outlet<'_> {
+    /// Queues `frame` for `client`; on a full outbox applies the
+    /// slow-consumer policy. Returns whether the frame was queued.
+    pub fn offer(&self, channel: &Channel, client: &Client, frame: Bytes) -> bool {
+        match client.outbox.push(frame) {
+            Ok(()) => true,
+            Err(PushError::Closed) => false,
+            Err(PushError::Full) => {
+                self.metrics.dropped.inc();
+                if self.policy == SlowConsumerPolicy::Close
+                    && client.outbox.close(CloseReason::SlowConsumer)
+                {
+                    self.metrics.slow_consumer_closes.inc();
+                    tracing::warn!(channel = %channel.id(), client = %client.id(), "outbox full: closing slow consumer with 1008");
+                }
+                false
+            }
+        }
+    }
+
+    /// Queues `frame` for every local client but `sender`; returns how many
+    /// took it.
+    pub fn offer_all_but(&self, channel: &Channel, sender: Option<ClientId>, frame: &Bytes) -> u64 {
+        channel
+            .members()
+            .iter()
+            .filter(|client| {
+                Some(client.id()) != sender && self.offer(channel, client, frame.clone())
+            })
+            .count() as u64
+    }
+
+    /// Queues `frame` for the local client `id`; false if it is not here
+    /// (or not taking frames).
+    pub fn offer_to(&self, channel: &Channel, id: ClientId, frame: Bytes) -> bool {
+        channel
+            .members()
+            .client(id)
+            .is_some_and(|client| self.offer(channel, client, frame))
+    }
+
+    /// Routes over this node's own clients and pushes into their outboxes:
+    /// all of standalone relaying, and a cluster node's fallback when the
+    /// sender is not in the cluster roster.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::UnknownOrigin`] for a reply to a client not connected.
+    pub fn route_locally(
+        &self,
+        channel: &Channel,
+        sender: ClientId,
+        prepared: &Prepared,
+    ) -> Result<Delivered, FrameError> {
+        // Encoded once before taking the roster lock, shared by every receiver.
+        let frame = prepared.frame();
+        let members = channel.members();
+        let Some(sender_at) = members.position(sender) else {
+            // The sender is closing and already left the roster.
+            return Ok(Delivered::default());
+        };
+        let deliver = |position: usize| {
+            members
+                .client_at(position)
+                .is_some_and(|client| self.offer(channel, client, frame.clone()))
+        };
+        // A round-robin pick whose outbox is closing or full passes the
+        // message on to the next client in turn, at most once per client.
+        let mut attempts = members.len();
+        loop {
+            let receivers = pattern::route(
+                channel.pattern(),
+                &*members,
+                sender_at,
+                prepared.intent,
+                channel.turns(),
+            )
+            .map_err(unknown_origin)?;
+            match receivers {
+                Receivers::Nobody => return Ok(Delivered::default()),
+                Receivers::Sender => return Ok(prepared.delivered(u64::from(deliver(sender_at)))),
+                Receivers::AllButSender => {
+                    // In join order, without looking anyone up by position.
+                    let frames = members
+                        .iter()
+                        .filter(|client| {
+                            client.id() != sender && self.offer(channel, client, frame.clone())
+                        })
+                        .count();
+                    return Ok(prepared.delivered(frames as u64));
+                }
+                Receivers::One(position) => {
+                    if deliver(position) {
+                        return Ok(prepared.delivered(1));
+                    }
+                    attempts -= 1;
+                    if attempts == 0 || matches!(prepared.intent, Intent::Reply { .. }) {
+                        return Ok(Delivered::default());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Delivers a message from another node to this node's clients of
+    /// `channel`: to the named target (or, for a round-robin pick whose
+    /// target left, the next local client in turn), or to all but the
+    /// sender. Returns the deliveries made.
+    pub fn deliver_inbound(&self, channel: &Channel, inbound: &Inbound) -> u64 {
+        let frame = codec::encode(inbound.opcode, &inbound.payload);
+        match inbound.target {
+            None => self.offer_all_but(channel, inbound.sender, &frame),
+            Some((target, fallback)) => {
+                let members = channel.members();
+                if members
+                    .client(target)
+                    .is_some_and(|client| self.offer(channel, client, frame.clone()))
+                {
+                    return 1;
+                }
+                if fallback == Fallback::Nobody {
+                    return 0;
+                }
+                let n = members.len();
+                (0..n)
+                    .map(|_| (channel.next_turn() % n as u64) as usize)
+                    .filter_map(|i| members.client_at(i))
+                    .find(|client| {
+                        Some(client.id()) != inbound.sender
+                            && self.offer(channel, client, frame.clone())
+                    })
+                    .map_or(0, |_| 1)
+            }
+        }
+    }
+}
+
+/// The frame error for a reply to a client that is not connected.
+pub fn unknown_origin(RouteError::UnknownOrigin(origin): RouteError) -> FrameError {
+    FrameError::UnknownOrigin(origin.to_string())
+}
