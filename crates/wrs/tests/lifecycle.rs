@@ -3,11 +3,10 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use reqwest::StatusCode;
 use serde_json::json;
+use tokio::time::Instant;
 
 #[tokio::test]
 async fn deleting_a_channel_closes_every_client_with_4001() {
@@ -85,22 +84,24 @@ async fn reset_deletes_every_channel_and_closes_their_clients() {
     server.shutdown().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_timed_out_channel_closes_every_client_with_4002() {
     let server = TestServer::start().await;
+    let start = Instant::now();
     let channel = server
         .create(json!({"pattern": "pub-sub", "timeout": 300}))
         .await;
     let mut clients = server.connect_n(&channel, 2).await;
+    assert_elapsed_ms(start, 0, "creating and connecting");
     for client in &mut clients {
         assert_eq!(client.expect_close(4002).await, "channel timed out");
+        assert_elapsed_ms(start, 300, "closed at the timeout");
     }
-    let (status, _) = server.get(&format!("/channels/{}", channel.id)).await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(server.countdown(&channel.id).await, None);
     server.shutdown().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn countdown_runs_down_and_restarts_with_activity() {
     let server = TestServer::start().await;
     let never = server
@@ -108,47 +109,47 @@ async fn countdown_runs_down_and_restarts_with_activity() {
         .await;
     assert_eq!(never.body["data"]["timeout"], -1);
     assert_eq!(never.body["data"]["countdown"], -1);
+    let start = Instant::now();
     let channel = server
         .create(json!({"pattern": "echo", "timeout": 60_000}))
         .await;
-    let countdown = |body: &serde_json::Value| body["data"]["countdown"].as_i64().unwrap();
-    let first = countdown(&channel.body);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (_, later) = server.get(&format!("/channels/{}", channel.id)).await;
-    let second = countdown(&later);
-    assert!(second < first, "countdown did not run: {first} -> {second}");
-    assert!(second <= 60_000 - 300, "{second}");
+    assert_eq!(channel.body["data"]["countdown"], 60_000);
+    sleep_until_ms(start, 300).await;
+    assert_eq!(server.countdown(&channel.id).await, Some(59_700));
+    // A relayed message restarts it...
     let mut client = server.connect(&channel).await;
     client.send_text("tick").await;
-    client.recv_text().await;
-    let (_, after) = server.get(&format!("/channels/{}", channel.id)).await;
-    assert!(
-        countdown(&after) > second,
-        "a message did not restart the countdown"
-    );
+    assert_eq!(client.recv_text().await, "tick");
+    assert_elapsed_ms(start, 300, "connecting and echoing");
+    assert_eq!(server.countdown(&channel.id).await, Some(60_000));
+    // ...and it runs down from there.
+    sleep_until_ms(start, 550).await;
+    assert_eq!(server.countdown(&channel.id).await, Some(59_750));
+    assert_eq!(server.countdown(&never.id).await, Some(-1));
     // Connecting alone is not activity: only relayed messages count.
     let idle = server
         .create(json!({"pattern": "echo", "timeout": 60_000}))
         .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    sleep_until_ms(start, 850).await;
     let _watcher = server.connect(&idle).await;
-    let (_, body) = server.get(&format!("/channels/{}", idle.id)).await;
-    assert!(countdown(&body) <= 60_000 - 300);
+    assert_eq!(server.countdown(&idle.id).await, Some(59_700));
+    assert_elapsed_ms(start, 850, "connecting the watcher");
     server.shutdown().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn error_frames_do_not_restart_the_timeout() {
     let server = TestServer::start().await;
+    let start = Instant::now();
     let channel = server
         .create(json!({"pattern": "req-repl", "timeout": 60_000}))
         .await;
     let mut client = server.connect(&channel).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    sleep_until_ms(start, 300).await;
     client.send_text("not json").await;
     assert_eq!(client.recv_json().await["error"], "invalid_json");
-    let (_, body) = server.get(&format!("/channels/{}", channel.id)).await;
-    assert!(body["data"]["countdown"].as_i64().unwrap() <= 60_000 - 300);
+    assert_elapsed_ms(start, 300, "the error frame's round trip");
+    assert_eq!(server.countdown(&channel.id).await, Some(59_700));
     server.shutdown().await;
 }
 

@@ -3,11 +3,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::*;
 use reqwest::StatusCode;
 use serde_json::json;
+use tokio::time::Instant;
 
 /// 1.1.1 the server is created; 1.1.2 its HTTP server runs.
 #[tokio::test]
@@ -259,60 +258,56 @@ async fn tf_1_3_5_wrong_token_is_rejected() {
     server.shutdown().await;
 }
 
-/// 1.4.1 the channel deletes itself when its timeout runs out.
-#[tokio::test]
+/// 1.4.1 the channel deletes itself when its timeout runs out — exactly
+/// then, on paused time.
+#[tokio::test(start_paused = true)]
 async fn tf_1_4_1_timeout_deletes_the_channel() {
     let server = TestServer::start().await;
-    let before_create = Instant::now();
+    let start = Instant::now();
     let channel = server
         .create(json!({"pattern": "echo", "timeout": 600}))
         .await;
-    // Before the timeout: still there.
-    let (status, _) = server.get(&format!("/channels/{}", channel.id)).await;
-    if before_create.elapsed() < Duration::from_millis(500) {
-        assert_eq!(status, StatusCode::OK);
-    }
-    let gone_at = eventually("channel to time out", || async {
-        let (status, _) = server.get(&format!("/channels/{}", channel.id)).await;
-        (status == StatusCode::NOT_FOUND).then(Instant::now)
-    })
-    .await;
-    // Never before its timeout (measured from before the create request).
-    assert!(gone_at.duration_since(before_create) >= Duration::from_millis(600));
+    assert_elapsed_ms(start, 0, "the create request");
+    assert_eq!(channel.body["data"]["countdown"], 600);
+    // Connecting is not activity; the client sees how the channel ends.
+    let mut client = server.connect(&channel).await;
+    // One millisecond before the timeout: still there.
+    sleep_until_ms(start, 599).await;
+    assert_eq!(server.countdown(&channel.id).await, Some(1));
+    assert_elapsed_ms(start, 599, "the GET took no time");
+    // At the timeout it ends, closing its client with 4002.
+    assert_eq!(client.expect_close(4002).await, "channel timed out");
+    assert_elapsed_ms(start, 600, "the timeout fired on time");
+    assert_eq!(server.countdown(&channel.id).await, None);
     server.shutdown().await;
 }
 
-/// 1.4.2 a message extends the timeout.
-#[tokio::test]
+/// 1.4.2 a message extends the timeout: it ends one timeout after the last
+/// message, not after the creation (paused time, exact).
+#[tokio::test(start_paused = true)]
 async fn tf_1_4_2_messages_extend_the_timeout() {
     let server = TestServer::start().await;
-    let timeout = Duration::from_millis(1500);
+    let start = Instant::now();
     let channel = server
-        .create(json!({"pattern": "echo", "timeout": timeout.as_millis() as u64}))
+        .create(json!({"pattern": "echo", "timeout": 1500}))
         .await;
-    let created = Instant::now();
+    assert_elapsed_ms(start, 0, "the create request");
     let mut client = server.connect(&channel).await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    sleep_until_ms(start, 700).await;
+    assert_eq!(server.countdown(&channel.id).await, Some(800));
     client.send_text("still here").await;
     assert_eq!(client.recv_text().await, "still here");
-    let sent = Instant::now();
-    // The countdown restarted with the message.
-    let (_, body) = server.get(&format!("/channels/{}", channel.id)).await;
-    let countdown = body["data"]["countdown"].as_u64().unwrap();
-    assert!(countdown > 1000, "countdown {countdown} did not restart");
-    // Past the original deadline the channel still exists...
-    tokio::time::sleep_until((created + timeout + Duration::from_millis(200)).into()).await;
-    let (status, _) = server.get(&format!("/channels/{}", channel.id)).await;
-    assert_eq!(
-        status,
-        StatusCode::OK,
-        "the message did not extend the timeout"
-    );
-    // ...and it ends one timeout after the message, closing its client with 4002.
+    assert_elapsed_ms(start, 700, "the message took no time");
+    // The countdown restarted with the message: the deadline is 700 + 1500.
+    assert_eq!(server.countdown(&channel.id).await, Some(1500));
+    // Past the original deadline (1500), one millisecond before the new
+    // one, the channel still exists...
+    sleep_until_ms(start, 2199).await;
+    assert_eq!(server.countdown(&channel.id).await, Some(1));
+    // ...and it ends at 2200, closing its client with 4002.
     assert_eq!(client.expect_close(4002).await, "channel timed out");
-    assert!(sent.elapsed() >= timeout - Duration::from_millis(50));
-    let (status, _) = server.get(&format!("/channels/{}", channel.id)).await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_elapsed_ms(start, 2200, "the timeout fired on time");
+    assert_eq!(server.countdown(&channel.id).await, None);
     server.shutdown().await;
 }
 

@@ -455,3 +455,39 @@ pub fn assert_error_envelope(body: &Value, code: &str) {
     );
     assert_eq!(error_code(body), code, "{body}");
 }
+
+// Paused time. A test with `#[tokio::test(start_paused = true)]` runs the
+// server and its clients on one current-thread runtime whose clock stands
+// still while any task can make progress (a request over loopback takes no
+// time) and jumps to the next timer when every task waits. Timeouts and
+// countdowns are then exact: the channel's clock and the test's
+// `tokio::time::Instant` are the same clock.
+
+/// Sleeps until `ms` milliseconds of tokio time after `start`.
+pub async fn sleep_until_ms(start: tokio::time::Instant, ms: u64) {
+    tokio::time::sleep_until(start + Duration::from_millis(ms)).await;
+}
+
+/// Asserts that exactly `ms` milliseconds of tokio time passed since
+/// `start` (on paused time: that nothing waited on an unexpected timer).
+#[track_caller]
+pub fn assert_elapsed_ms(start: tokio::time::Instant, ms: u64, what: &str) {
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_millis(ms),
+        "tokio time elapsed: {what}"
+    );
+}
+
+impl TestServer {
+    /// The channel's `countdown` in `GET /channels/{id}`; `None` once the
+    /// channel is gone (404).
+    pub async fn countdown(&self, channel: &str) -> Option<i64> {
+        let (status, body) = self.get(&format!("/channels/{channel}")).await;
+        match status {
+            StatusCode::OK => Some(body["data"]["countdown"].as_i64().expect("countdown")),
+            StatusCode::NOT_FOUND => None,
+            other => panic!("GET /channels/{channel}: {other} {body}"),
+        }
+    }
+}
