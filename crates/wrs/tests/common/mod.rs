@@ -97,6 +97,15 @@ impl TestServer {
         }
     }
 
+    /// An HTTP client for a server that runs elsewhere (another process).
+    pub fn client_of(addr: SocketAddr) -> Self {
+        Self {
+            server: None,
+            addr,
+            http: http_client(),
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
