@@ -5,6 +5,11 @@
 //! outbox is full or closed, and the caller applies the slow-consumer
 //! policy. The client's connection task drains the whole outbox at once and
 //! writes it with one vectored write.
+//!
+//! The outbox and the connection swap queue buffers, so under load neither
+//! reallocates; a burst leaves both at their peak capacity (32 bytes a
+//! slot) until the connection gives it back at a quiet moment
+//! ([`Outbox::shrink_if_empty`]).
 
 use std::collections::VecDeque;
 use std::time::SystemTime;
@@ -15,6 +20,11 @@ use tokio::sync::Notify;
 use tokio::sync::futures::Notified;
 
 use super::ids::ClientId;
+
+/// Slots an empty queue keeps when it is shrunk after a burst: enough for
+/// the pings and odd frames of a quiet client, so shrinking never
+/// reallocates for one that has not had a burst.
+pub(crate) const IDLE_QUEUE_SLOTS: usize = 8;
 
 /// Bounds of one client's outbox.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,6 +169,18 @@ impl Outbox {
         state.close
     }
 
+    /// If nothing is queued, shrinks the queue's buffer to at most
+    /// [`IDLE_QUEUE_SLOTS`] and returns `true`; a `VecDeque` keeps its
+    /// peak capacity otherwise. Meant for quiet moments: it may reallocate.
+    pub(crate) fn shrink_if_empty(&self) -> bool {
+        let mut state = self.state.lock();
+        if !state.frames.is_empty() {
+            return false;
+        }
+        state.frames.shrink_to(IDLE_QUEUE_SLOTS);
+        true
+    }
+
     /// The close request, if any.
     pub fn close_reason(&self) -> Option<CloseReason> {
         self.state.lock().close
@@ -168,6 +190,12 @@ impl Outbox {
     /// requested (or such a wake-up happened since the last call).
     pub fn notified(&self) -> Notified<'_> {
         self.wake.notified()
+    }
+
+    /// How many frames the queue's buffer holds without reallocating.
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> usize {
+        self.state.lock().frames.capacity()
     }
 }
 
@@ -258,6 +286,28 @@ mod tests {
         let mut taken = VecDeque::new();
         assert_eq!(o.take(&mut taken), Some(CloseReason::SlowConsumer));
         assert!(taken.is_empty());
+    }
+
+    #[test]
+    fn shrinking_gives_back_what_a_burst_left() {
+        let o = outbox(10_000, 1_000_000);
+        for _ in 0..5_000 {
+            o.push(Bytes::from_static(b"x")).unwrap();
+        }
+        assert!(!o.shrink_if_empty(), "frames are waiting");
+        assert!(o.capacity() >= 5_000);
+        // The consumer swaps in its own buffer, which an earlier burst grew.
+        let mut pending = VecDeque::with_capacity(5_000);
+        assert_eq!(o.take(&mut pending), None);
+        assert_eq!(pending.len(), 5_000);
+        assert!(o.capacity() >= 5_000, "the outbox now holds that buffer");
+        assert!(o.shrink_if_empty());
+        assert!(o.capacity() <= IDLE_QUEUE_SLOTS, "{}", o.capacity());
+        // Nothing is lost on the way: the outbox works as before.
+        o.push(Bytes::from_static(b"y")).unwrap();
+        let mut taken = VecDeque::new();
+        o.take(&mut taken);
+        assert_eq!(taken, [Bytes::from_static(b"y")]);
     }
 
     #[tokio::test]

@@ -6,7 +6,9 @@
 //! and the ping timer are polled together in one `select!`, and every
 //! branch is cancel-safe: a write is one `writev` of whatever is pending,
 //! a read is one non-blocking read after readiness. An idle connection
-//! holds no read buffer and no write buffer.
+//! holds no read buffer, and at most a few slots of write queue: what a
+//! burst grew is given back on the first ping timer tick that finds both
+//! the connection's queue and the client's outbox empty.
 
 pub mod codec;
 pub mod handshake;
@@ -31,7 +33,7 @@ use tracing::debug;
 
 use crate::relay::admission::Member;
 use crate::relay::channel::Channel;
-use crate::relay::client::{Client, CloseReason};
+use crate::relay::client::{Client, CloseReason, IDLE_QUEUE_SLOTS};
 use crate::relay::{Message, Relay};
 use codec::{Decoder, Event, OpCode, ProtocolError, close_code};
 
@@ -127,7 +129,9 @@ struct Connection<'a, R, W> {
     /// Received bytes not yet decoded; empty (unallocated) when idle.
     inbox: BytesMut,
     decoder: Decoder,
-    /// Encoded frames taken from the outbox, being written.
+    /// Encoded frames taken from the outbox, being written. It trades
+    /// buffers with the outbox on each take, so its capacity follows the
+    /// largest burst until [`Connection::shrink_if_idle`] gives it back.
     pending: VecDeque<Bytes>,
     /// Bytes of `pending`'s first frame already written.
     written: usize,
@@ -206,6 +210,7 @@ impl<'a, R: Source, W: AsyncWrite + Unpin + Send> Connection<'a, R, W> {
                     if self.ping_sent.is_some_and(|sent| self.last_heard < sent) {
                         ending = Some(Ending::Lost("no pong within the ping interval"));
                     } else {
+                        self.shrink_if_idle();
                         self.pending.push_back(codec::encode(OpCode::Ping, b""));
                         self.ping_sent = Some(now);
                         ping.as_mut().reset(now + interval);
@@ -216,6 +221,15 @@ impl<'a, R: Source, W: AsyncWrite + Unpin + Send> Connection<'a, R, W> {
         let ending = ending.unwrap_or(Ending::Lost("unreachable"));
         self.finish(&ending).await;
         ending
+    }
+
+    /// Gives back what a burst left in both queues (they swap buffers, so
+    /// both grew) if nothing waits in either. Called once per ping
+    /// interval, so a busy connection never reallocates for it.
+    fn shrink_if_idle(&mut self) {
+        if self.pending.is_empty() && self.client.outbox.shrink_if_empty() {
+            self.pending.shrink_to(IDLE_QUEUE_SLOTS);
+        }
     }
 
     /// Decodes and handles every complete frame received so far.
@@ -344,6 +358,25 @@ fn poll_write<W: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::relay::channel::ChannelSpec;
+    use crate::relay::pattern::Pattern;
+
+    const OP_TEXT: u8 = 0x1;
+    const OP_PING: u8 = 0x9;
+
+    /// Reads one small unmasked server frame: (opcode, payload).
+    async fn read_frame(stream: &mut tokio::io::DuplexStream) -> (u8, Vec<u8>) {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            let mut head = [0u8; 2];
+            stream.read_exact(&mut head).await.unwrap();
+            assert!(head[1] < 126, "a small unmasked frame");
+            let mut payload = vec![0; usize::from(head[1])];
+            stream.read_exact(&mut payload).await.unwrap();
+            (head[0] & 0x0F, payload)
+        })
+        .await
+        .expect("a frame within the time limit")
+    }
 
     #[tokio::test]
     async fn poll_write_advances_through_partial_writes() {
@@ -366,5 +399,71 @@ mod tests {
         drop(near);
         assert_eq!(reader.await.unwrap(), b"abcdefgh");
         assert_eq!(written, 0);
+    }
+
+    /// A burst grows both the connection's queue and the outbox's (they
+    /// trade buffers); the first ping tick that finds them empty shrinks
+    /// both back.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_gives_back_what_a_burst_grew() {
+        const BURST: usize = 1_000;
+        let mut config = crate::Config::for_tests();
+        config.ping_interval_ms = 1_000;
+        let relay = Relay::standalone(config.relay_settings());
+        let spec = ChannelSpec {
+            pattern: Pattern::PubSub,
+            client_limit: None,
+            timeout: None,
+            welcome: false,
+        };
+        let (channel, _token) = relay.create_channel(spec).await.unwrap();
+        let member = relay.reserve(&channel).await.unwrap().admit().unwrap();
+        let client = member.client();
+        let frame = codec::encode(OpCode::Text, b"0123456789");
+        // A small pipe: the connection blocks writing long before the
+        // burst is out.
+        let (near, mut far) = tokio::io::duplex(1024);
+        let (reader, writer) = tokio::io::split(near);
+        for _ in 0..BURST {
+            client.outbox.push(frame.clone()).unwrap();
+        }
+        let connection =
+            Connection::new(reader, writer, Bytes::new(), &relay, &channel, client).run();
+        tokio::pin!(connection);
+        let script = async {
+            // The connection took the first burst and is blocked writing
+            // it; a second one waits in the outbox meanwhile.
+            tokio::task::yield_now().await;
+            for _ in 0..BURST {
+                client.outbox.push(frame.clone()).unwrap();
+            }
+            for _ in 0..2 * BURST {
+                assert_eq!(
+                    read_frame(&mut far).await,
+                    (OP_TEXT, b"0123456789".to_vec())
+                );
+            }
+            tokio::task::yield_now().await;
+            assert!(
+                client.outbox.capacity() >= BURST,
+                "the burst grew the queues"
+            );
+            // Quiet: the paused clock runs on to the ping tick.
+            assert_eq!(read_frame(&mut far).await.0, OP_PING);
+            tokio::task::yield_now().await;
+            let capacity = client.outbox.capacity();
+            assert!(capacity <= IDLE_QUEUE_SLOTS, "one queue: {capacity}");
+            // The queues trade places on every pass of the loop: a pong
+            // makes one pass and brings the other one here.
+            far.write_all(&[0x8A, 0x80, 0, 0, 0, 0]).await.unwrap();
+            tokio::task::yield_now().await;
+            let capacity = client.outbox.capacity();
+            assert!(capacity <= IDLE_QUEUE_SLOTS, "the other queue: {capacity}");
+        };
+        tokio::select! {
+            biased;
+            ending = &mut connection => panic!("the connection ended: {ending}"),
+            () = script => {}
+        }
     }
 }
