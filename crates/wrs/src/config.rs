@@ -79,7 +79,8 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=64 * 1024 * 1024))]
     pub max_message_bytes: u32,
 
-    /// Most channels this node holds; creating more answers 429.
+    /// Most channels; creating more answers 429. In a cluster every node holds every channel,
+    /// so this limits the cluster's channels, and the smallest limit of the live nodes applies.
     #[arg(long, env = "WRS_MAX_CHANNELS", default_value_t = 100_000,
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub max_channels: u32,

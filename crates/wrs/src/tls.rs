@@ -75,19 +75,28 @@ pub fn acceptor(cert_path: &Path, key_path: &Path) -> Result<TlsAcceptor, TlsErr
 pub struct TlsListener {
     ready_rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
     local_addr: SocketAddr,
+    /// The accept task; it owns the handshakes under way.
+    accepting: tokio::task::JoinHandle<()>,
 }
 
 impl TlsListener {
-    /// Starts accepting on `listener`. The accept task ends when the
-    /// `TlsListener` is dropped.
+    /// Starts accepting on `listener`. The accept task, and every handshake
+    /// it started, ends when the `TlsListener` is dropped.
     pub fn new(listener: TcpListener, acceptor: TlsAcceptor) -> io::Result<Self> {
         let local_addr = listener.local_addr()?;
         let (ready_tx, ready_rx) = mpsc::channel(64);
-        tokio::spawn(accept_loop(listener, acceptor, ready_tx));
+        let accepting = tokio::spawn(accept_loop(listener, acceptor, ready_tx));
         Ok(Self {
             ready_rx,
             local_addr,
+            accepting,
         })
+    }
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        self.accepting.abort();
     }
 }
 
@@ -114,7 +123,10 @@ async fn accept_loop(
     ready_tx: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
 ) {
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    // Owned here: aborted with this task.
+    let mut running = tokio::task::JoinSet::new();
     loop {
+        while running.try_join_next().is_some() {}
         let accepted = tokio::select! {
             () = ready_tx.closed() => return,
             accepted = listener.accept() => accepted,
@@ -135,7 +147,7 @@ async fn accept_loop(
         };
         let acceptor = acceptor.clone();
         let ready_tx = ready_tx.clone();
-        tokio::spawn(async move {
+        running.spawn(async move {
             let _permit = permit;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(acceptor, stream)).await {
                 Ok(Ok(tls)) => {

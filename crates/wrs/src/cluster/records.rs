@@ -141,6 +141,10 @@ impl Edit<'_> {
         self.ids.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
     pub fn contains(&self, id: ClientId) -> bool {
         self.ids.contains(&id)
     }

@@ -3,7 +3,7 @@
 //! [`route`] is a pure function of the pattern, the channel's roster, the
 //! sender's position in it, what kind of frame was sent and the channel's
 //! round-robin turn counter. Sockets never decide who receives what; the
-//! backplane only carries out the [`Receivers`] decided here.
+//! coordinator only carries out the [`Receivers`] decided here.
 
 use std::cell::Cell;
 use std::fmt;
