@@ -217,18 +217,15 @@ impl NatsCoordinator {
 
     /// Applies what the watch of the `activity` bucket reports: the
     /// channel's deadline moves on this node too.
-    pub(super) fn on_activity(&self, seen: Seen<u64>) {
+    pub(super) fn on_activity(&self, seen: Seen) {
         match seen {
             Seen::Value {
-                key,
-                revision,
-                value,
-                ..
+                key, revision, raw, ..
             } => {
                 let Some(channel) = ChannelId::parse(&key) else {
                     return;
                 };
-                let Ok(at) = value else {
+                let Ok(at) = self.store.activity.decode(&key, revision, &raw) else {
                     return;
                 };
                 self.note_known(&channel, revision, at);

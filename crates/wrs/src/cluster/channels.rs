@@ -171,21 +171,18 @@ impl NatsCoordinator {
     }
 
     /// Applies what the watch of the `channels` bucket reports.
-    pub(super) fn on_channel(&self, seen: Seen<ChannelRecord>) {
+    pub(super) fn on_channel(&self, seen: Seen) {
         let Some(handle) = self.handle() else {
             return;
         };
         match seen {
             Seen::Value {
-                key,
-                revision,
-                value,
-                ..
+                key, revision, raw, ..
             } => {
                 let Some(id) = ChannelId::parse(&key) else {
                     return;
                 };
-                let record = match value {
+                let record = match self.store.channels.decode(&key, revision, &raw) {
                     Ok(record) => record,
                     Err(error) => {
                         self.metrics.cluster.corrupt_records.inc();

@@ -288,27 +288,24 @@ impl NatsCoordinator {
     }
 
     /// Applies what the watch of the `nodes` bucket reports.
-    pub(super) fn on_node(&self, seen: Seen<NodeRecord>) {
+    pub(super) fn on_node(&self, seen: Seen) {
         match seen {
             Seen::Value {
-                value: Ok(record),
-                written,
-                ..
-            } => {
-                // A record written long ago (a node that is gone) must not
-                // look fresh.
-                let age = SystemTime::now()
-                    .duration_since(written)
-                    .unwrap_or_default();
-                self.saw_node(record, age);
-            }
-            Seen::Value {
                 key,
-                value: Err(error),
-                ..
-            } => {
-                warn!(node = %key, %error, "unreadable heartbeat");
-            }
+                revision,
+                written,
+                raw,
+            } => match self.store.nodes.decode(&key, revision, &raw) {
+                Ok(record) => {
+                    // A record written long ago (a node that is gone) must
+                    // not look fresh.
+                    let age = SystemTime::now()
+                        .duration_since(written)
+                        .unwrap_or_default();
+                    self.saw_node(record, age);
+                }
+                Err(error) => warn!(node = %key, %error, "unreadable heartbeat"),
+            },
             Seen::Removed { key, .. } => {
                 if self.forget_node(&key) {
                     info!(node = %key, "node left the cluster");

@@ -16,9 +16,10 @@
 //! until the document is repaired or the channel is deleted.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use dashmap::DashMap;
 use rand::RngExt;
 use tokio::sync::oneshot;
@@ -32,6 +33,12 @@ use crate::relay::clock::{epoch_ms, from_epoch_ms};
 use crate::relay::coordinator::{CoordinatorError, JoinRefusal, Listed};
 use crate::relay::ids::{ChannelId, ClientId};
 
+/// What a failed decode of a roster says.
+const CORRUPT: &str = "the channel's roster cannot be read: joins and leaves of it fail until it is repaired or the channel is deleted";
+
+/// Bytes of an empty document, `{"nodes":{}}`.
+const EMPTY_DOC_BYTES: usize = 12;
+
 /// Compare-and-set attempts before a batch gives up.
 const CAS_ATTEMPTS: usize = 64;
 
@@ -39,25 +46,41 @@ const CAS_ATTEMPTS: usize = 64;
 /// `{"id":"XXXX-XXXX-XXXX","at":MS},` with a `u64` of up to 20 digits.
 const MEMBER_JSON_MAX: usize = 50;
 
-/// The latest members document of a channel, as this node knows it.
-#[derive(Clone, Debug)]
-pub(super) enum Roster {
-    Known {
-        revision: u64,
-        /// Bytes of the stored document.
-        size: usize,
-        doc: Arc<MembersDoc>,
-        roster: Arc<ClusterRoster>,
-    },
-    /// The stored document cannot be decoded (joins and leaves read it
-    /// again, and fail while it stays so).
-    Corrupt { revision: u64 },
+/// The latest version of a channel's members document that this node
+/// knows. It is decoded only when needed — for routing, listing, writing —
+/// and then once: a node with no client in a channel never decodes the
+/// versions a burst of joins elsewhere writes, and a node never decodes
+/// its own writes.
+#[derive(Debug)]
+pub(super) struct Version {
+    revision: u64,
+    /// Bytes of the stored document.
+    size: usize,
+    /// The stored document, until decoded.
+    raw: Bytes,
+    /// The document, or `None` if it cannot be decoded.
+    doc: OnceLock<Option<Arc<MembersDoc>>>,
+    roster: OnceLock<Arc<ClusterRoster>>,
 }
 
-impl Roster {
-    fn revision(&self) -> u64 {
-        match self {
-            Roster::Known { revision, .. } | Roster::Corrupt { revision } => *revision,
+impl Version {
+    fn stored(revision: u64, raw: Bytes) -> Self {
+        Self {
+            revision,
+            size: raw.len(),
+            raw,
+            doc: OnceLock::new(),
+            roster: OnceLock::new(),
+        }
+    }
+
+    fn written(revision: u64, size: usize, doc: MembersDoc) -> Self {
+        Self {
+            revision,
+            size,
+            raw: Bytes::new(),
+            doc: OnceLock::from(Some(Arc::new(doc))),
+            roster: OnceLock::new(),
         }
     }
 }
@@ -65,7 +88,7 @@ impl Roster {
 /// Rosters and their writers.
 #[derive(Debug, Default)]
 pub(super) struct Membership {
-    docs: DashMap<ChannelId, Roster>,
+    docs: DashMap<ChannelId, Arc<Version>>,
     /// Changes waiting for the next write of a channel's document. An entry
     /// exists while a writer task runs for the channel.
     queued: DashMap<ChannelId, Vec<Change>>,
@@ -339,15 +362,11 @@ impl NatsCoordinator {
     /// `None` when it must be read. A channel with no document yet is
     /// written with `create` (revision 0).
     fn cached_base(&self, channel: &ChannelId) -> Option<(MembersDoc, u64, usize)> {
-        match self.members.docs.get(channel).as_deref() {
-            Some(Roster::Known {
-                revision,
-                size,
-                doc,
-                ..
-            }) => Some(((**doc).clone(), *revision, *size)),
-            Some(Roster::Corrupt { .. }) => None,
-            None => Some((MembersDoc::default(), 0, 2)),
+        match self.version(channel) {
+            Some(version) => self
+                .doc_of(channel, &version)
+                .map(|doc| (MembersDoc::clone(doc), version.revision, version.size)),
+            None => Some((MembersDoc::default(), 0, EMPTY_DOC_BYTES)),
         }
     }
 
@@ -361,11 +380,11 @@ impl NatsCoordinator {
                 revision,
                 size,
             })) => Ok((value, revision, size)),
-            Ok(None) => Ok((MembersDoc::default(), 0, 2)),
+            Ok(None) => Ok((MembersDoc::default(), 0, EMPTY_DOC_BYTES)),
             Err(error) => {
                 if matches!(error, CoordinatorError::Corrupt { .. }) {
                     self.metrics.cluster.corrupt_records.inc();
-                    error!(%channel, %error, "the channel's roster cannot be read: joins and leaves of it fail until it is repaired or the channel is deleted");
+                    error!(%channel, %error, "{CORRUPT}");
                 }
                 Err(error)
             }
@@ -389,28 +408,59 @@ impl NatsCoordinator {
             .unwrap_or_default()
     }
 
-    /// Records a document seen or written (newer revisions win).
+    /// Records a document this node wrote.
     fn apply_roster(&self, channel: ChannelId, revision: u64, size: usize, doc: MembersDoc) {
-        let roster = Roster::Known {
-            revision,
-            size,
-            roster: Arc::new(ClusterRoster::of(&doc)),
-            doc: Arc::new(doc),
-        };
-        self.keep_newer(channel, roster);
+        self.keep_newer(channel, Version::written(revision, size, doc));
     }
 
-    fn keep_newer(&self, channel: ChannelId, roster: Roster) {
+    /// Keeps `version` unless a newer one is held; returns whether it was kept.
+    fn keep_newer(&self, channel: ChannelId, version: Version) -> bool {
         match self.members.docs.entry(channel) {
             dashmap::Entry::Occupied(mut held) => {
-                if held.get().revision() < roster.revision() {
-                    held.insert(roster);
+                if held.get().revision < version.revision {
+                    held.insert(Arc::new(version));
+                    true
+                } else {
+                    false
                 }
             }
             dashmap::Entry::Vacant(slot) => {
-                slot.insert(roster);
+                slot.insert(Arc::new(version));
+                true
             }
         }
+    }
+
+    fn version(&self, channel: &ChannelId) -> Option<Arc<Version>> {
+        self.members.docs.get(channel).map(|v| Arc::clone(&v))
+    }
+
+    /// The version's document, decoded on first use; `None` (logged and
+    /// counted, once per version) if it cannot be decoded.
+    fn doc_of<'a>(&self, channel: &ChannelId, version: &'a Version) -> Option<&'a Arc<MembersDoc>> {
+        version
+            .doc
+            .get_or_init(|| {
+                match self
+                    .store
+                    .members
+                    .decode(channel.as_str(), version.revision, &version.raw)
+                {
+                    Ok(doc) => Some(Arc::new(doc)),
+                    Err(error) => {
+                        self.metrics.cluster.corrupt_records.inc();
+                        error!(%channel, %error, "{CORRUPT}");
+                        None
+                    }
+                }
+            })
+            .as_ref()
+    }
+
+    /// The channel's document as last seen, if it can be read.
+    fn doc(&self, channel: &ChannelId) -> Option<Arc<MembersDoc>> {
+        let version = self.version(channel)?;
+        self.doc_of(channel, &version).cloned()
     }
 
     pub(super) fn forget_roster(&self, channel: &ChannelId) {
@@ -419,25 +469,22 @@ impl NatsCoordinator {
 
     /// The revision of the channel's document, if this node knows one.
     pub(super) fn roster_revision(&self, channel: &ChannelId) -> Option<u64> {
-        self.members.docs.get(channel).map(|r| r.revision())
+        self.members.docs.get(channel).map(|v| v.revision)
     }
 
     /// The channel's cluster roster for routing, and whether other nodes
     /// have clients in it.
     pub(super) fn roster(&self, channel: &ChannelId) -> Option<(Arc<ClusterRoster>, bool)> {
-        match self.members.docs.get(channel).as_deref() {
-            Some(Roster::Known { doc, roster, .. }) => {
-                Some((Arc::clone(roster), doc.has_others(&self.node)))
-            }
-            _ => None,
-        }
+        let version = self.version(channel)?;
+        let doc = self.doc_of(channel, &version)?;
+        let roster = version
+            .roster
+            .get_or_init(|| Arc::new(ClusterRoster::of(doc)));
+        Some((Arc::clone(roster), doc.has_others(&self.node)))
     }
 
     pub(super) fn listed(&self, channel: &ChannelId) -> Option<Vec<Listed>> {
-        let Some(Roster::Known { doc, .. }) = self.members.docs.get(channel).map(|r| r.clone())
-        else {
-            return None;
-        };
+        let doc = self.doc(channel)?;
         Some(
             doc.nodes
                 .iter()
@@ -453,23 +500,32 @@ impl NatsCoordinator {
     }
 
     pub(super) fn listed_count(&self, channel: &ChannelId) -> Option<usize> {
-        match self.members.docs.get(channel).as_deref() {
-            Some(Roster::Known { doc, .. }) => Some(doc.len()),
-            _ => None,
-        }
+        self.doc(channel).map(|doc| doc.len())
+    }
+
+    /// Every readable document as last seen.
+    fn all_docs(&self) -> Vec<(ChannelId, Arc<MembersDoc>)> {
+        let versions: Vec<(ChannelId, Arc<Version>)> = self
+            .members
+            .docs
+            .iter()
+            .map(|entry| (entry.key().clone(), Arc::clone(entry.value())))
+            .collect();
+        versions
+            .into_iter()
+            .filter_map(|(channel, version)| {
+                let doc = self.doc_of(&channel, &version)?.clone();
+                Some((channel, doc))
+            })
+            .collect()
     }
 
     /// Nodes other than this one that appear in some roster.
     pub(super) fn rostered_nodes(&self) -> Vec<String> {
         let mut nodes: Vec<String> = self
-            .members
-            .docs
+            .all_docs()
             .iter()
-            .filter_map(|entry| match entry.value() {
-                Roster::Known { doc, .. } => Some(doc.nodes.keys().cloned().collect::<Vec<_>>()),
-                Roster::Corrupt { .. } => None,
-            })
-            .flatten()
+            .flat_map(|(_, doc)| doc.nodes.keys().cloned().collect::<Vec<_>>())
             .filter(|n| *n != *self.node)
             .collect();
         nodes.sort();
@@ -485,14 +541,10 @@ impl NatsCoordinator {
     /// The first channel whose roster could not be written.
     pub(super) async fn remove_node_members(&self, node: &str) -> Result<usize, CoordinatorError> {
         let channels: Vec<ChannelId> = self
-            .members
-            .docs
-            .iter()
-            .filter(|entry| match entry.value() {
-                Roster::Known { doc, .. } => doc.nodes.contains_key(node),
-                Roster::Corrupt { .. } => false,
-            })
-            .map(|entry| entry.key().clone())
+            .all_docs()
+            .into_iter()
+            .filter(|(_, doc)| doc.nodes.contains_key(node))
+            .map(|(channel, _)| channel)
             .collect();
         let mut outcomes = Vec::with_capacity(channels.len());
         for channel in &channels {
@@ -533,21 +585,19 @@ impl NatsCoordinator {
             .filter(|c| !c.is_idle_here())
             .map(|c| c.id().clone())
             .collect();
-        for entry in &self.members.docs {
-            if let Roster::Known { doc, .. } = entry.value()
-                && !doc.of(&self.node).is_empty()
-            {
-                channels.insert(entry.key().clone());
+        for (channel, doc) in self.all_docs() {
+            if !doc.of(&self.node).is_empty() {
+                channels.insert(channel);
             }
         }
         for channel in channels {
             let local: HashSet<ClientId> =
                 self.local_members(&channel).iter().map(|m| m.id).collect();
-            let listed: HashSet<ClientId> = match self.members.docs.get(&channel).as_deref() {
-                Some(Roster::Known { doc, .. }) => {
-                    doc.of(&self.node).iter().map(|m| m.id).collect()
-                }
-                Some(Roster::Corrupt { .. }) => continue,
+            let listed: HashSet<ClientId> = match self.version(&channel) {
+                Some(version) => match self.doc_of(&channel, &version) {
+                    Some(doc) => doc.of(&self.node).iter().map(|m| m.id).collect(),
+                    None => continue,
+                },
                 None => HashSet::new(),
             };
             if local != listed {
@@ -556,30 +606,31 @@ impl NatsCoordinator {
         }
     }
 
-    /// Applies what the watch of the `members` bucket reports.
-    pub(super) fn on_roster(&self, seen: Seen<MembersDoc>) {
+    /// Applies what the watch of the `members` bucket reports. A version
+    /// is decoded at once only where it is needed soon: on a node with
+    /// clients in the channel (it routes their messages).
+    pub(super) fn on_roster(&self, seen: Seen) {
         match seen {
             Seen::Value {
-                key,
-                revision,
-                size,
-                value,
-                ..
+                key, revision, raw, ..
             } => {
                 let Some(channel) = ChannelId::parse(&key) else {
                     return;
                 };
-                match value {
-                    Ok(doc) => {
-                        self.apply_roster(channel.clone(), revision, size, doc);
-                    }
-                    Err(error) => {
-                        self.metrics.cluster.corrupt_records.inc();
-                        error!(%channel, %error, "the channel's roster cannot be read: joins and leaves of it fail until it is repaired or the channel is deleted");
-                        self.keep_newer(channel.clone(), Roster::Corrupt { revision });
-                    }
+                // This node's own writes are held already.
+                if !self.keep_newer(channel.clone(), Version::stored(revision, raw)) {
+                    return;
                 }
-                self.check_orphan(super::Kind::Members, channel, revision);
+                let held = self.handle().and_then(|handle| handle.channel(&channel));
+                match held {
+                    Some(held) if !held.is_idle_here() => {
+                        if let Some(version) = self.version(&channel) {
+                            self.doc_of(&channel, &version);
+                        }
+                    }
+                    Some(_) => {}
+                    None => self.check_orphan(super::Kind::Members, channel, revision),
+                }
             }
             Seen::Removed { key, .. } => {
                 if let Some(channel) = ChannelId::parse(&key) {
@@ -767,7 +818,7 @@ mod tests {
     #[test]
     fn write_payload_is_json() {
         let doc = MembersDoc::default();
-        let bytes: bytes::Bytes = super::super::store::Bucket::<MembersDoc>::encode(&doc).unwrap();
+        let bytes: Bytes = super::super::store::Bucket::<MembersDoc>::encode(&doc).unwrap();
         assert_eq!(&bytes[..], br#"{"nodes":{}}"#);
     }
 }

@@ -44,16 +44,15 @@ pub struct Versioned<T> {
 
 /// What a watch of a bucket reports.
 #[derive(Debug)]
-pub enum Seen<T> {
-    /// A key's value. `value` is an error for a value that cannot be read.
+pub enum Seen {
+    /// A key's value, as stored: [`Bucket::decode`] reads it (a watcher
+    /// may skip values it does not need).
     Value {
         key: String,
         revision: u64,
-        /// Bytes of the stored value.
-        size: usize,
         /// When it was written.
         written: std::time::SystemTime,
-        value: Result<T, CoordinatorError>,
+        raw: Bytes,
     },
     /// A key was deleted or purged; `marker` is what the marker carried.
     Removed { key: String, marker: Bytes },
@@ -102,7 +101,12 @@ impl<T: Serialize + DeserializeOwned> Bucket<T> {
             .map_err(|e| CoordinatorError::Unavailable(e.to_string()))
     }
 
-    fn decode(&self, key: &str, revision: u64, raw: &[u8]) -> Result<T, CoordinatorError> {
+    /// Reads a stored value.
+    ///
+    /// # Errors
+    ///
+    /// [`CoordinatorError::Corrupt`] naming the key and revision.
+    pub fn decode(&self, key: &str, revision: u64, raw: &[u8]) -> Result<T, CoordinatorError> {
         serde_json::from_slice(raw).map_err(|e| CoordinatorError::Corrupt {
             what: format!("{} {key:?} at revision {revision}", self.store.name),
             reason: e.to_string(),
@@ -312,7 +316,7 @@ impl<T: Serialize + DeserializeOwned> Bucket<T> {
     /// by [`Seen::Restarting`]).
     pub async fn follow<F>(&self, stop: &CancellationToken, mut on: F)
     where
-        F: FnMut(Seen<T>),
+        F: FnMut(Seen),
     {
         loop {
             self.follow_once(stop, &mut on).await;
@@ -329,7 +333,7 @@ impl<T: Serialize + DeserializeOwned> Bucket<T> {
 
     async fn follow_once<F>(&self, stop: &CancellationToken, on: &mut F)
     where
-        F: FnMut(Seen<T>),
+        F: FnMut(Seen),
     {
         // An empty bucket replays nothing, so nothing would say "current".
         let empty = match self.store.status().await {
@@ -365,11 +369,10 @@ impl<T: Serialize + DeserializeOwned> Bucket<T> {
             };
             let seen = match entry.operation {
                 kv::Operation::Put => Seen::Value {
-                    value: self.decode(&entry.key, entry.revision, &entry.value),
-                    size: entry.value.len(),
                     written: std::time::SystemTime::from(entry.created),
                     key: entry.key,
                     revision: entry.revision,
+                    raw: entry.value,
                 },
                 kv::Operation::Delete | kv::Operation::Purge => Seen::Removed {
                     key: entry.key,
