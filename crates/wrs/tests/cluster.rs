@@ -930,6 +930,75 @@ async fn a_node_with_new_settings_updates_the_existing_buckets() {
     );
 }
 
+/// A watch that fails (its consumer is gone, as when a NATS server of the
+/// cluster is lost) starts over with a full replay of its bucket. The
+/// replay must not be taken for an empty bucket: that ended every live
+/// channel on the node (4001 to its clients) until the replay re-created
+/// them, without their rosters.
+#[tokio::test]
+async fn a_watch_that_starts_over_ends_no_live_channel() {
+    let nats = NatsServer::start().await;
+    let options = NodeOptions::new(nats.url());
+    let a = node(&options, "node-a").await;
+    let b = node(&options, "node-b").await;
+    let channel = a.create_pattern("pub-sub").await;
+    let mut x = a.connect(&channel).await;
+    let mut y = b.connect(&channel).await;
+    wait_everywhere(&[&a, &b], &channel.id, 2).await;
+    // Every watch consumer of the cluster's buckets is deleted: the watches
+    // miss their heartbeats, fail, and replay.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let jetstream = async_nats::jetstream::new(client);
+    let streams: Vec<String> = jetstream
+        .stream_names()
+        .try_collect::<Vec<String>>()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|name| name.starts_with(&format!("KV_{}-", options.prefix)))
+        .collect();
+    let watched = format!("KV_{}-channels", options.prefix);
+    assert!(streams.contains(&watched), "{streams:?}");
+    let consumers = |stream: String| {
+        let jetstream = jetstream.clone();
+        async move {
+            let stream = jetstream.get_stream(&stream).await.unwrap();
+            stream
+                .consumer_names()
+                .try_collect::<Vec<String>>()
+                .await
+                .unwrap()
+        }
+    };
+    let before = consumers(watched.clone()).await;
+    assert_eq!(before.len(), 2, "one watch per node: {before:?}");
+    for name in &streams {
+        let stream = jetstream.get_stream(name).await.unwrap();
+        for consumer in consumers(name.clone()).await {
+            stream.delete_consumer(&consumer).await.unwrap();
+        }
+    }
+    // Both nodes watch the channels again (new consumers) ...
+    within(Duration::from_secs(40), "the watches start over", async {
+        loop {
+            let now = consumers(watched.clone()).await;
+            if now.len() == 2 && now.iter().all(|c| !before.contains(c)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    // ... and have replayed the bucket: the channel lives on both, with
+    // both clients, who still reach each other.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_everywhere(&[&a, &b], &channel.id, 2).await;
+    x.send_text("after the replay").await;
+    assert_eq!(y.recv_text().await, "after the replay");
+    y.send_text("and back").await;
+    assert_eq!(x.recv_text().await, "and back");
+}
+
 /// A bucket of the test cluster, opened with a client of our own.
 async fn bucket(
     nats: &NatsServer,
@@ -956,9 +1025,12 @@ async fn a_roster_that_cannot_be_read_is_never_overwritten() {
     let x = a.connect(&channel).await;
     let mut y = b.connect(&channel).await;
     wait_everywhere(&[&a, &b], &channel.id, 2).await;
-    let members = bucket(&nats, &options, "members").await;
-    let garbage = bytes::Bytes::from_static(b"{\"nodes\": not json");
-    members.put(&channel.id, garbage.clone()).await.unwrap();
+    // B's part of the roster: segment 0 of node-b.
+    let rosters = bucket(&nats, &options, "rosters").await;
+    let segment = format!("{}.node-b.0", channel.id);
+    assert!(rosters.get(&segment).await.unwrap().is_some());
+    let garbage = bytes::Bytes::from_static(b"[{\"id\": not json");
+    rosters.put(&segment, garbage.clone()).await.unwrap();
     for node in [&a, &b] {
         eventually("the corrupt roster is noticed", || async {
             (metric(node, "wrs_cluster_corrupt_records_total").await >= 1.0).then_some(())
@@ -982,27 +1054,23 @@ async fn a_roster_that_cannot_be_read_is_never_overwritten() {
         (metric(&a, "wrs_cluster_corrupt_records_total").await > before).then_some(())
     })
     .await;
-    let stored = members.entry(&channel.id).await.unwrap().unwrap();
-    assert_eq!(stored.value, garbage, "the document was overwritten");
+    let stored = rosters.entry(&segment).await.unwrap().unwrap();
+    assert_eq!(stored.value, garbage, "the segment was overwritten");
     // Deleting the channel still works, everywhere, and removes it.
     let (status, _) = b.delete(&format!("/channels/{}", channel.id)).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(y.expect_close(4001).await, "channel deleted");
     eventually("the roster is gone", || async {
-        members
-            .get(&channel.id)
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
+        let keys: Vec<String> = rosters.keys().await.unwrap().try_collect().await.unwrap();
+        keys.is_empty().then_some(())
     })
     .await;
 }
 
 /// Every heartbeat a node repairs its entries in each roster. During a
 /// burst of joins that repair must never take out a join written by the
-/// same node meanwhile: every version of the document lists at least as
-/// many clients as the one before.
+/// same node meanwhile: every version of every segment of the roster lists
+/// at least as many clients as the one before.
 #[tokio::test]
 async fn repairing_a_roster_never_erases_a_join_in_flight() {
     let nats = NatsServer::start().await;
@@ -1014,23 +1082,18 @@ async fn repairing_a_roster_never_erases_a_join_in_flight() {
     let channel = a
         .create(json!({"pattern": "pub-sub", "clientLimit": 600}))
         .await;
-    let members = bucket(&nats, &options, "members").await;
-    let mut versions = members.watch(&channel.id).await.unwrap();
+    let rosters = bucket(&nats, &options, "rosters").await;
+    let mut versions = rosters.watch(format!("{}.>", channel.id)).await.unwrap();
     let counts = tokio::spawn(async move {
-        let mut counts = Vec::new();
+        let mut counts: HashMap<String, Vec<usize>> = HashMap::new();
         while let Some(Ok(entry)) = versions.next().await {
             if entry.operation != async_nats::jetstream::kv::Operation::Put {
                 continue;
             }
-            let doc: serde_json::Value = serde_json::from_slice(&entry.value).unwrap();
-            let count: usize = doc["nodes"]
-                .as_object()
-                .unwrap()
-                .values()
-                .map(|list| list.as_array().unwrap().len())
-                .sum();
-            counts.push(count);
-            if count == 600 {
+            let segment: serde_json::Value = serde_json::from_slice(&entry.value).unwrap();
+            let count = segment.as_array().unwrap().len();
+            counts.entry(entry.key).or_default().push(count);
+            if counts.values().map(|h| h.last().unwrap()).sum::<usize>() == 600 {
                 return counts;
             }
         }
@@ -1050,14 +1113,16 @@ async fn repairing_a_roster_never_erases_a_join_in_flight() {
         tokio::time::sleep(Duration::from_millis(70)).await;
     }
     let counts = bounded("every version", counts).await.unwrap();
-    assert_eq!(counts.last(), Some(&600));
-    for pair in counts.windows(2) {
-        assert!(
-            pair[1] >= pair[0],
-            "a version listed {} clients after one listed {}: a join was erased ({counts:?})",
-            pair[1],
-            pair[0]
-        );
+    assert!(counts.len() >= 4, "segments of 256: {counts:?}");
+    for (segment, history) in &counts {
+        for pair in history.windows(2) {
+            assert!(
+                pair[1] >= pair[0],
+                "a version of {segment} listed {} clients after one listed {}: a join was erased ({history:?})",
+                pair[1],
+                pair[0]
+            );
+        }
     }
     wait_everywhere(&[&a, &b], &channel.id, 600).await;
     drop(open);

@@ -231,7 +231,7 @@ impl NatsCoordinator {
                 self.note_known(&channel, revision, at);
                 match self.handle().and_then(|handle| handle.channel(&channel)) {
                     Some(held) => held.note_activity_at(held.clock().from_epoch_ms(at)),
-                    None => self.check_orphan(super::Kind::Activity, channel, revision),
+                    None => self.check_orphan(super::Kind::Activity, key, revision),
                 }
             }
             Seen::Removed { key, .. } => {

@@ -126,9 +126,9 @@ impl NatsCoordinator {
     /// knows it holds something: rosters and activity are only written
     /// for channels that had clients or traffic).
     fn clean_up_after(&self, id: &ChannelId) {
-        let members = self.roster_revision(id);
+        let (segments, counts) = self.roster_keys(id);
         let activity = self.activity_revision(id);
-        if members.is_none() && activity.is_none() {
+        if segments.is_empty() && counts.is_none() && activity.is_none() {
             return;
         }
         let Some(me) = self.me() else {
@@ -136,11 +136,14 @@ impl NatsCoordinator {
         };
         let id = id.clone();
         self.spawn(async move {
-            if members.is_some() {
-                let _ = me.store.members.delete(id.as_str(), None).await;
+            for (key, revision) in segments {
+                let _ = me.store.rosters.delete(&key, Some(revision)).await;
             }
-            if activity.is_some() {
-                let _ = me.store.activity.delete(id.as_str(), None).await;
+            if let Some(revision) = counts {
+                let _ = me.store.counts.delete(id.as_str(), Some(revision)).await;
+            }
+            if let Some(revision) = activity {
+                let _ = me.store.activity.delete(id.as_str(), Some(revision)).await;
             }
         });
     }

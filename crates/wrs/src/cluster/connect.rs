@@ -9,7 +9,7 @@ use async_nats::jetstream::kv;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::records::{ChannelRecord, MembersDoc, NodeRecord};
+use super::records::{ChannelRecord, Counts, NodeRecord, Segment};
 use super::store::Bucket;
 use super::{ClusterError, ClusterSettings, MISSED_HEARTBEATS};
 
@@ -26,7 +26,10 @@ pub const HEADER_ROOM: usize = 1024;
 pub struct Store {
     pub client: async_nats::Client,
     pub channels: Bucket<ChannelRecord>,
-    pub members: Bucket<MembersDoc>,
+    /// Roster segments, `<channel>.<node>.<seq>`.
+    pub rosters: Bucket<Segment>,
+    /// Clients per node of channels with a `clientLimit`.
+    pub counts: Bucket<Counts>,
     /// Last activity of each channel, ms since the Unix epoch.
     pub activity: Bucket<u64>,
     pub nodes: Bucket<NodeRecord>,
@@ -62,8 +65,12 @@ impl Store {
             ..bucket("channels", Duration::ZERO)
         };
         let channels = Bucket::new(open(channels).await?, jetstream.clone());
-        let members = Bucket::new(
-            open(bucket("members", Duration::ZERO)).await?,
+        let rosters = Bucket::new(
+            open(bucket("rosters", Duration::ZERO)).await?,
+            jetstream.clone(),
+        );
+        let counts = Bucket::new(
+            open(bucket("counts", Duration::ZERO)).await?,
             jetstream.clone(),
         );
         // Timeouts are at most 30 days; stale activity ages out after that.
@@ -79,7 +86,8 @@ impl Store {
         Ok(Store {
             client,
             channels,
-            members,
+            rosters,
+            counts,
             activity,
             nodes,
         })

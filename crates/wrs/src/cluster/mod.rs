@@ -115,7 +115,7 @@ pub struct NatsCoordinator {
     /// The relay's handle and tasks, from [`Coordinator::start`].
     runtime: OnceLock<(Handle, Tasks)>,
     /// Keys of unknown channels being checked ([`NatsCoordinator::check_orphan`]).
-    orphan_checks: DashSet<(Kind, ChannelId)>,
+    orphan_checks: DashSet<(Kind, String)>,
 }
 
 impl NatsCoordinator {
@@ -196,8 +196,15 @@ impl NatsCoordinator {
         let (node, halt) = (Arc::clone(&me), stop.clone());
         self.spawn(async move {
             node.store
-                .members
-                .follow(&halt, |seen| node.on_roster(seen))
+                .rosters
+                .follow(&halt, |seen| node.on_segment(seen))
+                .await
+        });
+        let (node, halt) = (Arc::clone(&me), stop.clone());
+        self.spawn(async move {
+            node.store
+                .counts
+                .follow(&halt, |seen| node.on_counts(seen))
                 .await
         });
         let (node, halt) = (Arc::clone(&me), stop.clone());
@@ -215,14 +222,15 @@ impl NatsCoordinator {
         });
     }
 
-    /// A roster or activity key of a channel this node does not know: once
-    /// the shared registry confirms the channel is gone (a join or an
-    /// activity write that raced its end, or a node that died), the key is
-    /// removed — if it is still at `revision`.
-    fn check_orphan(&self, kind: Kind, channel: ChannelId, revision: u64) {
-        let known = self.knows_channel(&channel)
-            || self.handle().is_some_and(|h| h.channel(&channel).is_some());
-        if known || !self.orphan_checks.insert((kind, channel.clone())) {
+    /// A roster, count or activity key of a channel this node does not
+    /// know: once the shared registry confirms the channel is gone (a join
+    /// or an activity write that raced its end, or a node that died), the
+    /// key is removed — if it is still at `revision`.
+    fn check_orphan(&self, kind: Kind, key: String, revision: u64) {
+        let Some(channel) = key.split('.').next().and_then(ChannelId::parse) else {
+            return;
+        };
+        if self.knows_channel(&channel) || !self.orphan_checks.insert((kind, key.clone())) {
             return;
         }
         let Some(me) = self.me() else {
@@ -235,24 +243,15 @@ impl NatsCoordinator {
                 || me.handle().is_some_and(|h| h.channel(&channel).is_some());
             if !known && matches!(me.store.channels.get(channel.as_str()).await, Ok(None)) {
                 let removed = match kind {
-                    Kind::Members => {
-                        me.store
-                            .members
-                            .delete(channel.as_str(), Some(revision))
-                            .await
-                    }
-                    Kind::Activity => {
-                        me.store
-                            .activity
-                            .delete(channel.as_str(), Some(revision))
-                            .await
-                    }
+                    Kind::Roster => me.store.rosters.delete(&key, Some(revision)).await,
+                    Kind::Counts => me.store.counts.delete(&key, Some(revision)).await,
+                    Kind::Activity => me.store.activity.delete(&key, Some(revision)).await,
                 };
                 if matches!(removed, Ok(true)) {
-                    tracing::info!(%channel, ?kind, "removed what an ended channel left behind");
+                    tracing::info!(%channel, key, "removed what an ended channel left behind");
                 }
             }
-            me.orphan_checks.remove(&(kind, channel));
+            me.orphan_checks.remove(&(kind, key));
         });
     }
 }
@@ -260,7 +259,8 @@ impl NatsCoordinator {
 /// Which per-channel bucket a key is in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Kind {
-    Members,
+    Roster,
+    Counts,
     Activity,
 }
 

@@ -3,14 +3,15 @@
 //!
 //! | bucket | key | value | written by |
 //! |---|---|---|---|
-//! | `channels` | channel id | [`ChannelRecord`] | the node that creates or closes it |
-//! | `members` | channel id | [`MembersDoc`] | every node, compare-and-set |
+//! | `channels` | channel id | [`ChannelRecord`] | the node that creates or ends it |
+//! | `rosters` | `<channel>.<node>.<seq>` | a [`Segment`]: up to [`SEGMENT`] clients of that node | that node |
+//! | `counts` | channel id | [`Counts`] (channels with a `clientLimit`) | every node, compare-and-set |
 //! | `activity` | channel id | last activity, ms since the epoch | nodes relaying on it (throttled) |
 //! | `nodes` | node id | [`NodeRecord`] | each node for itself (heartbeat) |
 //!
 //! Values are JSON.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use crate::relay::NodeState;
 use crate::relay::channel::ChannelSpec;
 use crate::relay::clock::{epoch_ms, from_epoch_ms};
 use crate::relay::coordinator::{EndReason, SharedChannel};
-use crate::relay::ids::{ClientId, TokenDigest};
+use crate::relay::ids::{ChannelId, ClientId, TokenDigest};
 use crate::relay::pattern::{Pattern, Roster};
 
 /// A channel as the cluster shares it. The token is stored only as its
@@ -74,161 +75,48 @@ impl ChannelRecord {
     }
 }
 
-/// One client in a [`MembersDoc`].
+/// One client in a channel's roster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub id: ClientId,
-    /// When it connected (or reserved its place), ms since the epoch.
+    /// When it connected (or its place was taken), ms since the epoch.
     pub at: u64,
 }
 
-/// The clients of one channel across the cluster, by node. A client is
-/// listed from the moment its connect is accepted (its place is reserved)
-/// until it leaves.
+/// The most clients one segment holds: a roster write carries at most
+/// this many clients, whatever the size of the channel.
+pub const SEGMENT: usize = 32;
+
+/// Clients of one node in one channel, in join order: a node's part of a
+/// channel's roster is a few segments, numbered from 0.
+pub type Segment = Vec<Member>;
+
+/// The key of a segment: `<channel>.<node>.<seq>`.
+pub fn segment_key(channel: &ChannelId, node: &str, seq: u32) -> String {
+    format!("{channel}.{node}.{seq}")
+}
+
+/// The parts of a segment's key.
+pub fn parse_segment_key(key: &str) -> Option<(ChannelId, String, u32)> {
+    let mut parts = key.splitn(3, '.');
+    let channel = ChannelId::parse(parts.next()?)?;
+    let node = parts.next()?.to_owned();
+    let seq = parts.next()?.parse().ok()?;
+    Some((channel, node, seq))
+}
+
+/// How many clients each node has in a channel with a `clientLimit`. A
+/// node raises its count (compare-and-set, the limit checked against the
+/// sum) before it lists new clients, so the limit holds for concurrent
+/// connects on any nodes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MembersDoc {
-    pub nodes: BTreeMap<String, Vec<Member>>,
+pub struct Counts {
+    pub nodes: BTreeMap<String, u32>,
 }
 
-impl MembersDoc {
-    pub fn len(&self) -> usize {
-        self.nodes.values().map(Vec::len).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Whether nodes other than `node` have clients.
-    pub fn has_others(&self, node: &str) -> bool {
-        self.nodes
-            .iter()
-            .any(|(n, members)| n != node && !members.is_empty())
-    }
-
-    /// The clients of `node`.
-    pub fn of(&self, node: &str) -> &[Member] {
-        self.nodes.get(node).map_or(&[], Vec::as_slice)
-    }
-
-    /// Starts a batch of changes: O(n) once, then O(1) per change.
-    pub fn edit(&mut self) -> Edit<'_> {
-        let ids = self.nodes.values().flatten().map(|m| m.id).collect();
-        Edit {
-            doc: self,
-            ids,
-            removed: HashSet::new(),
-            changed: false,
-        }
-    }
-}
-
-/// A batch of changes to a [`MembersDoc`]. Leaves are collected and
-/// applied in one pass by [`Edit::finish`], so a batch of k changes to a
-/// roster of n clients costs O(n + k), not O(n × k).
-#[derive(Debug)]
-pub struct Edit<'a> {
-    doc: &'a mut MembersDoc,
-    /// Every client listed, as of the changes so far.
-    ids: HashSet<ClientId>,
-    /// Clients to take out of the lists.
-    removed: HashSet<ClientId>,
-    changed: bool,
-}
-
-impl Edit<'_> {
-    pub fn len(&self) -> usize {
-        self.ids.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
-    }
-
-    pub fn contains(&self, id: ClientId) -> bool {
-        self.ids.contains(&id)
-    }
-
-    /// Adds a client of `node`; false if its id is listed already.
-    pub fn add(&mut self, node: &str, member: Member) -> bool {
-        if !self.ids.insert(member.id) {
-            return false;
-        }
-        // A client that left and came back within one batch keeps its new place.
-        if self.removed.remove(&member.id) {
-            for members in self.doc.nodes.values_mut() {
-                members.retain(|m| m.id != member.id);
-            }
-        }
-        self.doc
-            .nodes
-            .entry(node.to_owned())
-            .or_default()
-            .push(member);
-        self.changed = true;
-        true
-    }
-
-    /// Removes a client; false if it was not listed.
-    pub fn remove(&mut self, id: ClientId) -> bool {
-        if !self.ids.remove(&id) {
-            return false;
-        }
-        self.removed.insert(id);
-        self.changed = true;
-        true
-    }
-
-    /// Removes every client of `node`; returns how many there were.
-    pub fn remove_node(&mut self, node: &str) -> usize {
-        let Some(members) = self.doc.nodes.remove(node) else {
-            return 0;
-        };
-        let mut count = 0;
-        for member in &members {
-            if self.ids.remove(&member.id) {
-                count += 1;
-            }
-        }
-        self.changed |= !members.is_empty();
-        count
-    }
-
-    /// Makes `node`'s list hold exactly the clients in `keep` plus those
-    /// listed for it that `young` accepts, adding the clients of `keep`
-    /// that are missing (in the order given). Returns whether anything
-    /// changed.
-    pub fn set_node<F>(&mut self, node: &str, keep: &[Member], young: F) -> bool
-    where
-        F: Fn(&Member) -> bool,
-    {
-        let wanted: HashSet<ClientId> = keep.iter().map(|m| m.id).collect();
-        let listed = self.doc.of(node).to_vec();
-        let mut changed = false;
-        for member in &listed {
-            if !wanted.contains(&member.id) && !young(member) && self.remove(member.id) {
-                changed = true;
-            }
-        }
-        let here: HashSet<ClientId> = listed.iter().map(|m| m.id).collect();
-        for member in keep {
-            if !here.contains(&member.id) && self.add(node, *member) {
-                changed = true;
-            }
-        }
-        changed
-    }
-
-    /// Applies the removals; returns whether the document changed.
-    pub fn finish(self) -> bool {
-        if !self.removed.is_empty() {
-            let removed = self.removed;
-            for members in self.doc.nodes.values_mut() {
-                members.retain(|m| !removed.contains(&m.id));
-            }
-        }
-        self.doc.nodes.retain(|_, members| !members.is_empty());
-        self.changed
+impl Counts {
+    pub fn total(&self) -> u64 {
+        self.nodes.values().map(|&n| u64::from(n)).sum()
     }
 }
 
@@ -260,10 +148,20 @@ pub struct ClusterRoster {
 }
 
 impl ClusterRoster {
-    pub fn of(doc: &MembersDoc) -> Self {
-        let mut entries = Vec::with_capacity(doc.len());
-        for (node, members) in &doc.nodes {
-            let node: Arc<str> = node.as_str().into();
+    /// The roster of `segments`, in the order given (nodes by id, then
+    /// segments by number).
+    pub fn of<'a>(segments: impl Iterator<Item = (&'a str, &'a [Member])>) -> Self {
+        let mut entries = Vec::new();
+        let mut last: Option<Arc<str>> = None;
+        for (node, members) in segments {
+            let node = match &last {
+                Some(held) if **held == *node => Arc::clone(held),
+                _ => {
+                    let node: Arc<str> = node.into();
+                    last = Some(Arc::clone(&node));
+                    node
+                }
+            };
             entries.extend(members.iter().map(|m| (m.id, Arc::clone(&node))));
         }
         let index = entries
@@ -305,101 +203,26 @@ mod tests {
     }
 
     #[test]
-    fn members_docs_add_remove_and_count() {
-        let mut doc = MembersDoc::default();
-        let mut edit = doc.edit();
-        assert!(edit.add("b", member(1)));
-        assert!(edit.add("a", member(2)));
-        assert!(edit.add("b", member(3)));
-        assert!(!edit.add("a", member(3)), "ids are unique in the channel");
-        assert!(edit.finish());
-        assert_eq!(doc.len(), 3);
-        assert!(doc.has_others("a") && doc.has_others("b") && doc.has_others("c"));
-        let mut edit = doc.edit();
-        assert!(edit.remove(ClientId::from_raw(2)));
-        assert!(!edit.remove(ClientId::from_raw(2)));
-        assert!(edit.finish());
-        assert!(!doc.has_others("b"));
-        assert!(!doc.nodes.contains_key("a"), "empty nodes are dropped");
-        let mut edit = doc.edit();
-        assert_eq!(edit.remove_node("b"), 2);
-        assert!(edit.finish());
-        assert!(doc.is_empty());
-        assert!(!doc.edit().finish(), "nothing changed");
-    }
-
-    #[test]
-    fn a_client_that_leaves_and_rejoins_in_one_batch_is_listed_once() {
-        let mut doc = MembersDoc::default();
-        let mut edit = doc.edit();
-        edit.add("a", member(1));
-        edit.add("a", member(2));
-        edit.finish();
-        let mut edit = doc.edit();
-        assert!(edit.remove(ClientId::from_raw(1)));
-        assert!(edit.add("b", member(1)));
-        edit.finish();
-        assert_eq!(doc.of("a"), [member(2)]);
-        assert_eq!(doc.of("b"), [member(1)]);
-    }
-
-    #[test]
-    fn set_node_keeps_real_and_young_entries_only() {
-        let mut doc = MembersDoc::default();
-        let mut edit = doc.edit();
-        for raw in 1..=4 {
-            edit.add("a", member(raw));
-        }
-        edit.add("b", member(9));
-        edit.finish();
-        // Real clients: 1 and 5 (5 was missing); 3 is young (an upgrade
-        // under way); 2 and 4 are stale.
-        let mut edit = doc.edit();
-        assert!(edit.set_node("a", &[member(1), member(5)], |m| m.id
-            == ClientId::from_raw(3)));
-        edit.finish();
-        assert_eq!(doc.of("a"), [member(1), member(3), member(5)]);
-        assert_eq!(doc.of("b"), [member(9)], "other nodes are not touched");
-        let mut edit = doc.edit();
-        assert!(!edit.set_node("a", &[member(1), member(5)], |m| m.id
-            == ClientId::from_raw(3)));
-    }
-
-    /// 19 000 clients, every one leaving in one batch, and the node's list
-    /// reconciled against 19 000 real clients: each is one linear pass (a
-    /// quadratic version does 180 million comparisons here).
-    #[test]
-    fn batches_and_reconciles_of_19_000_clients_are_linear() {
-        const N: u64 = 19_000;
-        let mut doc = MembersDoc::default();
-        let mut edit = doc.edit();
-        for raw in 0..N {
-            assert!(edit.add(if raw % 2 == 0 { "a" } else { "b" }, member(raw)));
-        }
-        assert!(edit.finish());
-        assert_eq!(doc.len(), N as usize);
-        let real: Vec<Member> = doc.of("a").to_vec();
-        let mut edit = doc.edit();
-        assert!(!edit.set_node("a", &real, |_| false));
-        assert!(!edit.finish());
-        let mut edit = doc.edit();
-        for raw in 0..N {
-            assert!(edit.remove(ClientId::from_raw(raw)));
-        }
-        assert_eq!(edit.len(), 0);
-        assert!(edit.finish());
-        assert!(doc.is_empty());
+    fn segment_keys_round_trip() {
+        let channel = ChannelId::parse("D679-05F5").unwrap();
+        let key = segment_key(&channel, "node-a_1", 12);
+        assert_eq!(key, "D679-05F5.node-a_1.12");
+        assert_eq!(
+            parse_segment_key(&key),
+            Some((channel, "node-a_1".to_owned(), 12))
+        );
+        assert_eq!(parse_segment_key("D679-05F5"), None);
+        assert_eq!(parse_segment_key("D679-05F5.a.x"), None);
     }
 
     #[test]
     fn rosters_order_by_node_then_join() {
-        let mut doc = MembersDoc::default();
-        let mut edit = doc.edit();
-        edit.add("node-b", member(1));
-        edit.add("node-a", member(2));
-        edit.add("node-b", member(3));
-        edit.finish();
-        let roster = ClusterRoster::of(&doc);
+        let segments = [
+            ("node-a", vec![member(2)]),
+            ("node-b", vec![member(1)]),
+            ("node-b", vec![member(3)]),
+        ];
+        let roster = ClusterRoster::of(segments.iter().map(|(n, m)| (*n, m.as_slice())));
         let order: Vec<_> = (0..roster.len())
             .map(|i| roster.entry(i).unwrap())
             .collect();
@@ -438,9 +261,9 @@ mod tests {
         let legacy: ChannelRecord =
             serde_json::from_str(&json.replace('}', r#","closing":"timed_out"}"#)).unwrap();
         assert_eq!(legacy.closing, Some(EndReason::TimedOut));
-        let mut doc = MembersDoc::default();
-        doc.edit().add("n1", member(7));
-        let back: MembersDoc = serde_json::from_str(&serde_json::to_string(&doc).unwrap()).unwrap();
-        assert_eq!(back, doc);
+        let segment: Segment = vec![member(7)];
+        let back: Segment =
+            serde_json::from_str(&serde_json::to_string(&segment).unwrap()).unwrap();
+        assert_eq!(back, segment);
     }
 }

@@ -336,8 +336,11 @@ impl<T: Serialize + DeserializeOwned> Bucket<T> {
         F: FnMut(Seen),
     {
         // An empty bucket replays nothing, so nothing would say "current".
-        let empty = match self.store.status().await {
-            Ok(status) => status.values() == 0,
+        // The state is read fresh: `Store::status` answers the state cached
+        // when the bucket was opened, and an empty replay that was not
+        // would have every channel taken for ended.
+        let empty = match self.store.stream.get_info().await {
+            Ok(info) => info.state.messages == 0,
             Err(error) => {
                 warn!(bucket = %self.store.name, %error, "cannot read the bucket's state");
                 return;

@@ -149,14 +149,6 @@ pub fn connect_error(error: ConnectError, id: &ChannelId) -> ApiError {
             "channel_full",
             format!("channel {id} is full: its clientLimit is {limit}"),
         ),
-        ConnectError::RosterFull { clients } => ApiError::new(
-            StatusCode::CONFLICT,
-            "channel_full",
-            format!(
-                "channel {id} is full: it has {clients} clients, the most its cluster roster \
-                 holds (the roster must fit in one NATS message, max_payload)"
-            ),
-        ),
     }
 }
 

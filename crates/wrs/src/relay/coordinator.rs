@@ -103,9 +103,6 @@ pub enum Ended {
 pub enum JoinRefusal {
     #[error("channel full ({limit} clients)")]
     Full { limit: u32 },
-    /// The shared roster cannot grow any more (one NATS message).
-    #[error("channel full: its shared roster of {clients} clients cannot grow")]
-    RosterFull { clients: usize },
     #[error(transparent)]
     Unavailable(#[from] CoordinatorError),
 }

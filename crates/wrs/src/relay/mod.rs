@@ -136,9 +136,6 @@ pub enum ConnectError {
     WrongToken,
     #[error("channel full ({limit} clients)")]
     Full { limit: u32 },
-    /// Cluster mode: the channel's roster fills one NATS message.
-    #[error("channel full ({clients} clients, the most its cluster roster holds)")]
-    RosterFull { clients: usize },
     #[error("the cluster store is unavailable")]
     Unavailable,
 }
@@ -157,10 +154,6 @@ impl ConnectError {
     fn refused(channel: &Channel, refusal: JoinRefusal) -> Self {
         match refusal {
             JoinRefusal::Full { limit } => ConnectError::Full { limit },
-            JoinRefusal::RosterFull { clients } => {
-                warn!(channel = %channel.id(), clients, "channel full: its shared roster cannot grow (NATS max_payload)");
-                ConnectError::RosterFull { clients }
-            }
             JoinRefusal::Unavailable(error) => {
                 warn!(channel = %channel.id(), %error, "cannot take a place in the shared roster");
                 ConnectError::Unavailable

@@ -227,10 +227,26 @@ pub async fn three_nodes(options: &NodeOptions) -> Vec<TestServer> {
     nodes
 }
 
-/// Waits until every node sees `n` clients in the channel.
+/// Waits until every node sees `n` clients in the channel; on a timeout
+/// the failure shows every node's list of the channel's clients.
 pub async fn wait_everywhere(nodes: &[&TestServer], channel: &str, n: u64) {
     for node in nodes {
-        node.wait_for_clients(channel, n).await;
+        let deadline = std::time::Instant::now() + WAIT;
+        while node.client_count(channel).await != Some(n) {
+            if std::time::Instant::now() > deadline {
+                let mut lists = Vec::new();
+                for other in nodes {
+                    let (_, body) = other.get(&format!("/channels/{channel}/clients")).await;
+                    lists.push(format!("{}: {}", other.addr, body["data"]));
+                }
+                panic!(
+                    "timed out after {WAIT:?}: {n} clients on {channel} at {}; the nodes list\n{}",
+                    node.addr,
+                    lists.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 }
 
