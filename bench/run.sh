@@ -23,6 +23,9 @@
 #                   earlier run and only profile and write the document)
 #   CLUSTER=1       run the cluster cases (NATS + three nodes; 0 to skip,
 #                   keeping target/bench/cluster from an earlier run)
+#   ADMISSION=1     run bench/admission.sh (creates, deletes and connects in
+#                   a cluster against one node; 0 to skip, keeping
+#                   target/bench/admission from an earlier run)
 #   OUT=docs/benchmarks.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +37,7 @@ PEERS=${PEERS-nchan websocat}
 PROFILE=${PROFILE:-1}
 SUITE=${SUITE:-1}
 CLUSTER=${CLUSTER:-1}
+ADMISSION=${ADMISSION:-1}
 OUT=${OUT:-docs/benchmarks.md}
 WRS_PORT=18080
 NCHAN_PORT=18081
@@ -48,6 +52,7 @@ WEBSOCAT_VERSION=1.14.1
 revision=${WRS_REVISION:-$(git describe --always --dirty 2>/dev/null || echo "(not a git checkout)")}
 results=$root/target/bench/results
 cluster_results=$root/target/bench/cluster
+admission_results=$root/target/bench/admission
 profiles=$root/target/bench/profile
 rundir=$root/target/bench/run
 [ "$SUITE" = 1 ] && rm -rf "$results"
@@ -372,6 +377,12 @@ for run in $(seq "$cluster_passes"); do
   done
 done
 
+# Admission in a cluster (its own script: it starts and stops its servers).
+if [ "$ADMISSION" = 1 ]; then
+  log "admission: create + delete and connects, cluster against one node"
+  RUNS=$RUNS DURATION=$DURATION PROFILE=$PROFILE OUT=$admission_results bench/admission.sh >/dev/null
+fi
+
 # The exact command lines, for the document.
 commands_md=$rundir/commands.md
 {
@@ -550,6 +561,33 @@ EOF
     "$bench" summarize --cluster "$cluster_results"
   else
     echo "Not run (CLUSTER=0)."
+  fi
+  echo
+  cat <<EOF
+### Admission in a cluster: creating channels and connecting
+
+\`bench/admission.sh\` ($RUNS runs, medians): channels created and deleted
+(\`wrs-bench churn --mode rest --workers 32 --duration $DURATION\`) and 5 000
+clients connecting into one channel, 64 at a time (\`wrs-bench idle
+--connections 5000\`), against a standalone node and against node A of NATS
+and three nodes, alternating, same pinning as above. "CPU / operation"
+is the CPU time of every server process over the measured window divided
+by the pairs or connects done.
+
+EOF
+  if compgen -G "$admission_results/*.json" >/dev/null; then
+    "$bench" summarize --admission "$admission_results"
+    if [ -s "$admission_results/nats-profile.txt" ]; then
+      echo
+      echo "Where nats-server spends its CPU during cluster churn (\`perf record -g\`,"
+      echo "inclusive share of samples, the largest functions):"
+      echo
+      echo '```'
+      grep -E 'server\.|fileStore|gcBgMarkWorker$|do_syscall_64' "$admission_results/nats-profile.txt" | head -20
+      echo '```'
+    fi
+  else
+    echo "Not run (ADMISSION=0)."
   fi
   echo
   if [ -f bench/cluster.md ]; then cat bench/cluster.md; echo; fi

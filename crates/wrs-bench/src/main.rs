@@ -63,16 +63,27 @@ enum Command {
         dir: PathBuf,
         /// Render the cluster table (per-process CPU, NATS messages)
         /// instead of the suite's tables.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "admission")]
         cluster: bool,
+        /// Render the admission table (`bench/admission.sh`): create +
+        /// delete pairs and connects per second, CPU per operation.
+        #[arg(long)]
+        admission: bool,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Summarize { dir, cluster } = &cli.command {
+    if let Command::Summarize {
+        dir,
+        cluster,
+        admission,
+    } = &cli.command
+    {
         let summary = if *cluster {
             summary::summarize_cluster(dir)
+        } else if *admission {
+            summary::summarize_admission(dir)
         } else {
             summary::summarize(dir)
         };

@@ -45,6 +45,16 @@ pub fn summarize_cluster(dir: &Path) -> anyhow::Result<String> {
     Ok(render_cluster(&read_reports(dir)?))
 }
 
+/// Reads every `*.json` report in `dir` (from `bench/admission.sh`) and
+/// renders the admission table.
+///
+/// # Errors
+///
+/// The directory or a report cannot be read or parsed.
+pub fn summarize_admission(dir: &Path) -> anyhow::Result<String> {
+    Ok(render_admission(&read_reports(dir)?))
+}
+
 fn read_reports(dir: &Path) -> anyhow::Result<Vec<Report>> {
     let mut paths: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
@@ -140,6 +150,98 @@ fn render_cluster(reports: &[Report]) -> String {
             opt(g.extra("nats_in_per_published"), ratio),
             opt(g.extra("nats_out_per_published"), ratio),
         );
+    }
+    out
+}
+
+/// The admission table: channel create + delete pairs (`churn --mode
+/// rest`) and connects into one channel (`idle`), per topology, with the
+/// CPU per operation of every process and the ratio to the first topology
+/// (the standalone reference).
+fn render_admission(reports: &[Report]) -> String {
+    let groups = grouped(reports);
+    let mut processes: Vec<String> = Vec::new();
+    for r in reports {
+        let per = r.extra.get("process_cpu_ns_per_delivery").or_else(|| {
+            r.extra
+                .get("connect_cpu_us_per_connect")
+                .and_then(|c| c.get("by_process"))
+        });
+        if let Some(map) = per.and_then(|v| v.as_object()) {
+            for name in map.keys() {
+                if !processes.contains(name) && name != "server" {
+                    processes.push(name.clone());
+                }
+            }
+        }
+    }
+    processes.sort();
+    let mut out = String::from(
+        "| case | topology | runs | per second | vs. standalone | p50 | p99 | errors | CPU / operation, all processes |",
+    );
+    for name in &processes {
+        let _ = write!(out, " {name} |");
+    }
+    out.push_str("\n|---|---|---|---|---|---|---|---|---|");
+    out.push_str(&"---|".repeat(processes.len()));
+    out.push('\n');
+    // Churn reports give ns per pair; idle reports µs per connect.
+    let rate = |r: &Report| match r.scenario.as_str() {
+        "idle" => r
+            .extra
+            .get("connects_per_s")
+            .and_then(serde_json::Value::as_f64),
+        _ => Some(r.delivered_per_s),
+    };
+    let cpu_us = |r: &Report, name: Option<&str>| -> Option<f64> {
+        match (r.scenario.as_str(), name) {
+            ("idle", None) => r
+                .extra
+                .get("connect_cpu_us_per_connect")?
+                .get("all")?
+                .as_f64(),
+            ("idle", Some(name)) => r
+                .extra
+                .get("connect_cpu_us_per_connect")?
+                .get("by_process")?
+                .get(name)?
+                .as_f64(),
+            (_, None) => r.server_cpu_ns_per_delivery.map(|ns| ns / 1000.0),
+            (_, Some(name)) => r
+                .extra
+                .get("process_cpu_ns_per_delivery")?
+                .get(name)?
+                .as_f64()
+                .map(|ns| ns / 1000.0),
+        }
+    };
+    let us = |v: f64| format!("{v:.0} µs");
+    // The reference of each case: its standalone row.
+    let reference: BTreeMap<&str, f64> = groups
+        .iter()
+        .filter(|((_, target), _)| target == "standalone")
+        .filter_map(|((case, _), g)| Some((case.as_str(), g.median(rate)?)))
+        .collect();
+    for ((case, target), g) in &groups {
+        let per_second = g.median(rate);
+        let vs = match (reference.get(case.as_str()), per_second) {
+            (Some(standalone), Some(now)) => format!("{:.0} %", now / standalone * 100.0),
+            _ => "-".to_owned(),
+        };
+        let _ = write!(
+            out,
+            "| {case} | {target} | {} | {} | {vs} | {} | {} | {} | {} |",
+            g.runs.len(),
+            opt(per_second, si),
+            opt(g.latency(|l| l.p50_us), micros),
+            opt(g.latency(|l| l.p99_us), micros),
+            g.worst(|r| r.errors + r.connect_errors + r.lost),
+            opt(g.median(|r| cpu_us(r, None)), us),
+        );
+        for name in &processes {
+            let _ = write!(out, " {} |", opt(g.median(|r| cpu_us(r, Some(name))), us));
+        }
+        out.push('\n');
     }
     out
 }

@@ -78,9 +78,38 @@ pub async fn run(common: &Common, args: &IdleArgs) -> anyhow::Result<Report> {
             source: harness::source_address(i, sources),
         })
         .collect();
+    // CPU of every measured process (`--process`, `--server-pid`) while
+    // the connections are opened: what admission costs.
+    let mut meters: Vec<(String, procfs::CpuMeter)> = Vec::new();
+    for (name, pid) in common
+        .processes
+        .iter()
+        .map(|(name, pid)| (name.clone(), *pid))
+        .chain(common.server_pid.map(|pid| ("server".to_owned(), pid)))
+    {
+        let meter = procfs::CpuMeter::start(pid)
+            .map_err(|e| anyhow::anyhow!("cannot read /proc/{pid}/stat of {name}: {e}"))?;
+        meters.push((name, meter));
+    }
     let connecting = Instant::now();
     let opened = harness::open_all(common, dials, 1024, "idle connections").await;
     let connect_s = connecting.elapsed().as_secs_f64();
+    let connects = opened.connect_times.len().max(1) as f64;
+    let mut per_connect = serde_json::Map::new();
+    let mut total_us = 0.0;
+    for (name, meter) in &meters {
+        let us = meter.elapsed().map_or(0.0, |d| d.as_secs_f64() * 1e6) / connects;
+        if name != "server" || common.processes.is_empty() {
+            total_us += us;
+        }
+        per_connect.insert(name.clone(), json!(us));
+    }
+    if !meters.is_empty() {
+        report.extra.insert(
+            "connect_cpu_us_per_connect".into(),
+            json!({"all": total_us, "by_process": per_connect}),
+        );
+    }
     harness::note_connects(&mut report, &opened);
     let mut connect_latency = Latencies::new();
     for took in &opened.connect_times {
