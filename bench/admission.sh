@@ -107,7 +107,8 @@ for r in $(seq "$RUNS"); do
       sleep 2
       perf record -q -F 999 -g -p "${pids[0]}" -o "$rundir/nats.perf" -- sleep $((DURATION / 2)) 2>/dev/null
       perf report -i "$rundir/nats.perf" --children --sort sym --stdio -g none 2>/dev/null |
-        grep -E '^ +[0-9]' | head -60 >"$out/nats-profile.txt"
+        grep -E '^ +[0-9]' >"$rundir/nats-profile.txt" || true
+      head -60 "$rundir/nats-profile.txt" >"$out/nats-profile.txt"
     fi
     wait "$churn"
     run "connect.$topology.$r.json" idle --connections "$CONNECTIONS" --duration 2 \
