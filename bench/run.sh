@@ -583,7 +583,7 @@ EOF
       echo "inclusive share of samples, the largest functions):"
       echo
       echo '```'
-      grep -E 'server\.|fileStore|gcBgMarkWorker$|do_syscall_64' "$admission_results/nats-profile.txt" | sed 20q
+      awk '/server\.|fileStore|gcBgMarkWorker$|do_syscall_64/ && n++ < 20' "$admission_results/nats-profile.txt"
       echo '```'
     fi
   else
