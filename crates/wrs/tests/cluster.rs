@@ -978,8 +978,9 @@ async fn a_watch_that_starts_over_ends_no_live_channel() {
             stream.delete_consumer(&consumer).await.unwrap();
         }
     }
-    // Both nodes watch the channels again (new consumers) ...
-    within(Duration::from_secs(40), "the watches start over", async {
+    // Both nodes watch the channels again (new consumers), soon: a watch
+    // notices its lost consumer after two missed one-second heartbeats ...
+    within(WAIT, "the watches start over", async {
         loop {
             let now = consumers(watched.clone()).await;
             if now.len() == 2 && now.iter().all(|c| !before.contains(c)) {

