@@ -36,9 +36,15 @@ const CLOSE_REASONS = {
   1006: "the connection was lost",
   1008: "the server closed the connection (policy)",
   1012: "the server asked to reconnect",
+  1013: "the server is busy; trying again later",
   4001: "the board was deleted",
   4002: "the board timed out (nobody moved for too long)",
+  4401: "wrong or missing token",
+  4404: "no such board",
+  4409: "the board is full",
 };
+/** Refused connects, as WRS tells browsers: close code -> the HTTP status it mirrors. */
+const REFUSALS = { 4401: 401, 4404: 404, 4409: 409 };
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -307,7 +313,11 @@ function onClose(event, opened) {
     setStatus("closed", CLOSE_REASONS[code], code);
     showError(new ApiError(0, code === 4001 ? "board_deleted" : "board_timed_out", CLOSE_REASONS[code] + "."));
     showSetup(false);
-  } else if (!opened) {
+  } else if (code in REFUSALS) {
+    // WRS accepted the upgrade only to say why it refuses: the reason is
+    // the error code (channel_not_found, invalid_token, channel_full).
+    fail(new ApiError(REFUSALS[code], event.reason || "http_" + REFUSALS[code], CLOSE_REASONS[code] + "."));
+  } else if (!opened && code !== 1013) {
     diagnose();
   } else {
     reconnectLater(CLOSE_REASONS[code] || "closed with " + code);
@@ -315,10 +325,9 @@ function onClose(event, opened) {
 }
 
 /**
- * The browser does not say why a WebSocket connect was refused. WRS checks
- * the channel and the token before it looks at the upgrade headers, so a
- * plain GET of the same address answers with the reason (426 means the
- * channel and token are fine).
+ * A connect that failed before it opened without a refusal code (1006):
+ * the server is unreachable, or it is an older WRS that refuses with an
+ * HTTP status, which browsers hide. A plain GET of the same address tells.
  */
 async function diagnose() {
   let response = null;
@@ -330,22 +339,8 @@ async function diagnose() {
     // Unreachable or not JSON: try again later.
   }
   if (board === null || ws !== null) return; // Left or rejoined meanwhile.
-  if (response === null || response.status === 503) {
-    reconnectLater(response === null ? "cannot reach the server" : "the server is not ready");
-    return;
-  }
-  if (response.status === 426) {
-    try {
-      const channel = (await api("GET", "/channels/" + encodeURIComponent(board.id))).data;
-      if (channel.clientLimit !== -1 && channel.clients >= channel.clientLimit) {
-        fail(new ApiError(409, "channel_full", "the board is full (" + channel.clientLimit + " pages)."));
-        return;
-      }
-    } catch (error) {
-      fail(error);
-      return;
-    }
-    reconnectLater("the connection failed");
+  if (response === null || response.status === 503 || response.status === 426) {
+    reconnectLater(response === null ? "cannot reach the server" : "the connection failed");
     return;
   }
   fail(new ApiError(response.status,

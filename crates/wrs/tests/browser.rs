@@ -230,14 +230,15 @@ async fn client_page_shows_api_errors_and_refused_connections() {
     let (_, body) = server.get("/channels").await;
     assert_eq!(body["data"].as_array().map(Vec::len), Some(0), "{body}");
 
-    // A pasted channel with a wrong token: the browser only sees the
-    // connection fail, the page finds out why.
+    // A pasted channel with a wrong token: the service accepts the upgrade
+    // and closes it at once with 4401 and the error code as the reason
+    // (a browser cannot see the status of a refused upgrade).
     let channel = server.create_pattern("echo").await;
     browser.fill("#channel-id", &channel.id).await;
     browser.fill("#channel-token", "not-the-token").await;
     browser.click("#connect").await;
     browser
-        .wait_for("#client-1[data-state=closed][data-error=invalid_token]")
+        .wait_for("#client-1[data-state=closed][data-error=invalid_token][data-close-code='4401']")
         .await;
     browser
         .wait_for("#error:not([hidden])[data-status='401'][data-error=invalid_token]")
@@ -285,6 +286,30 @@ async fn client_page_shows_api_errors_and_refused_connections() {
         Some("1000")
     );
     server.wait_for_clients(&channel.id, 0).await;
+
+    // A full channel: the page sees 4409 with the reason channel_full, and
+    // the client already in it stays.
+    let full = server
+        .create(serde_json::json!({"pattern": "pub-sub", "clientLimit": 1}))
+        .await;
+    let mut member = server.connect(&full).await;
+    browser.fill("#channel-id", &full.id).await;
+    browser.fill("#channel-token", &full.token).await;
+    browser.click("#connect").await;
+    browser
+        .wait_for("#client-3[data-state=closed][data-error=channel_full][data-close-code='4409']")
+        .await;
+    browser
+        .wait_for("#error:not([hidden])[data-status='409'][data-error=channel_full]")
+        .await;
+    let log = browser
+        .text(&panel(3, "[data-testid=log] li[data-dir=error]"))
+        .await;
+    assert!(log.contains("409 channel_full"), "{log}");
+    browser.screenshot("client-channel-full.png").await;
+    assert_eq!(server.client_count(&full.id).await, Some(1));
+    member.send_text("still connected").await;
+    member.close().await;
 
     browser.close().await;
     server.shutdown().await;

@@ -503,7 +503,7 @@ async fn tutorial_browser_code_runs_as_written() {
     let mut tabs = Tabs::start().await;
     let readme = server.url("/readme");
 
-    // 3.1 to 3.4: create, share, connect, find out about a connect.
+    // 3.1 to 3.3: create, share, connect.
     let first = tabs.open(&readme).await;
     tabs.run(
         &first,
@@ -548,14 +548,35 @@ async fn tutorial_browser_code_runs_as_written() {
     tabs.run(&first, &connect).await;
     tabs.wait_for_logs(&first, "connected", 1).await;
     server.wait_for_clients(&id, 1).await;
-    tabs.run(
-        &first,
-        &for_server(&snippet("const why = await fetch"), &server),
-    )
+    // 3.4: a refused connect is told in the close frame. The reconnecting
+    // client stops for good on 4404, and retries a full channel (4409)
+    // until there is room.
+    let retrying = for_server(&snippet("const FINAL = "), &server);
+    let gone = tabs.open(&readme).await;
+    tabs.run(&gone, &with_channel(&retrying, "NOPE-NOPE", "x"))
+        .await;
+    tabs.wait_for_logs(&gone, "closed: 4404 channel_not_found", 1)
+        .await;
+    let full = server
+        .create(serde_json::json!({"pattern": "pub-sub", "clientLimit": 1}))
+        .await;
+    let member = server.connect(&full).await;
+    let member_id = server.client_ids(&full.id).await;
+    let waiting = tabs.open(&readme).await;
+    tabs.run(&waiting, &with_channel(&retrying, &full.id, &full.token))
+        .await;
+    tabs.wait_for_logs(&waiting, "closed: 4409 channel_full", 2)
+        .await;
+    member.close().await;
+    common::eventually("the waiting client gets the free place", || async {
+        let ids = server.client_ids(&full.id).await;
+        (ids.len() == 1 && ids != member_id).then_some(())
+    })
     .await;
-    tabs.wait_for_logs(&first, "426 {", 1).await;
-    let why = tabs.wait_for_logs(&first, "upgrade_required", 1).await;
-    assert!(why[0].starts_with("426 "), "{why:?}");
+    // Meanwhile (two back-offs) the client told 4404 never came back.
+    let closes = tabs.logs(&gone).await;
+    let closes: Vec<_> = closes.iter().filter(|l| l.starts_with("closed:")).collect();
+    assert_eq!(closes, ["closed: 4404 channel_not_found"]);
 
     // 4.1 The chat: Ada is alone when she greets; Grace's greeting and
     // Ada's next line reach the other one.

@@ -353,6 +353,23 @@ async fn sigterm_drains_clients_with_1001_and_exits() {
     assert_eq!(http.status("/healthz").await, 200);
     let refused = raw_request(process.addr, &request).await;
     assert_eq!(refused.status, 503);
+    assert!(
+        refused
+            .head
+            .to_ascii_lowercase()
+            .contains("retry-after: 1\r\n"),
+        "{}",
+        refused.head
+    );
+    // A browser (Origin) learns it from the close code: 1013, try again
+    // later, with the error code as the reason.
+    let from_browser = request.replacen("\r\n", "\r\nOrigin: https://app.example\r\n", 1);
+    let mut browser = raw_exchange(process.addr, &from_browser).await;
+    assert_eq!(browser.status, 101, "{}", browser.head);
+    let mut input = tokio::io::AsyncReadExt::chain(&browser.leftover[..], &mut browser.stream);
+    let (opcode, payload) = read_server_frame(&mut input).await.expect("close frame");
+    assert_eq!((opcode, close_code_of(&payload)), (0x8, 1013));
+    assert_eq!(&payload[2..], b"draining");
     drop(polite);
     assert_eq!(process.exit_code().await, 0);
     process

@@ -177,29 +177,6 @@ async fn unknown_channels_are_404_everywhere() {
     server.shutdown().await;
 }
 
-/// Reads the JSON body after a raw response head.
-async fn raw_json_body(raw: &mut RawWs) -> serde_json::Value {
-    let length: usize = raw
-        .head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length:")
-                .map(|v| v.trim().parse().unwrap())
-        })
-        .expect("content-length");
-    let mut body = std::mem::take(&mut raw.leftover);
-    let have = body.len();
-    body.resize(length, 0);
-    bounded(
-        "error body",
-        tokio::io::AsyncReadExt::read_exact(&mut raw.stream, &mut body[have..]),
-    )
-    .await
-    .unwrap();
-    serde_json::from_slice(&body).unwrap()
-}
-
 #[tokio::test]
 async fn connect_rejects_every_row_of_the_bad_input_table() {
     let server = TestServer::start().await;

@@ -1,6 +1,7 @@
 //! `GET /channels/{id}/connect?token=T`: the WebSocket upgrade into a
 //! channel. Every refusal happens before the upgrade, with a JSON body,
-//! and is logged with its reason.
+//! and is logged with its reason; browsers, which cannot see the status of
+//! a refused upgrade, are told in a close frame instead (SPEC §5).
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
@@ -24,7 +25,7 @@ pub struct ConnectQuery {
 
 /// `GET /channels/{id}/connect?token=T`
 #[utoipa::path(get, path = "/channels/{id}/connect", tag = "connect", summary = "Connect to a channel over WebSocket",
-    description = "A WebSocket upgrade (`new WebSocket(\"ws://host/channels/ID/connect?token=TOKEN\")`). Refusals come before the upgrade, each with a JSON body. After the upgrade, close codes: 1000 normal, 1001 server shutting down, 1002 protocol error, 1007 invalid UTF-8, 1008 policy (message too large, slow consumer), 4001 channel deleted, 4002 channel timed out.",
+    description = "A WebSocket upgrade (`new WebSocket(\"ws://host/channels/ID/connect?token=TOKEN\")`). Refusals come before the upgrade, each with a JSON body; 503 carries `Retry-After`. A request with an `Origin` header (a browser, which cannot see a refused upgrade's status) and a valid handshake is instead upgraded and closed at once with 4404, 4401, 4409 or 1013 (for 503), the error code as the close reason. After the upgrade, close codes: 1000 normal, 1001 server shutting down, 1002 protocol error, 1007 invalid UTF-8, 1008 policy (message too large, slow consumer), 4001 channel deleted, 4002 channel timed out.",
     params(("id" = String, Path, description = "Channel id"), ("token" = String, Query, description = "The channel's token")),
     responses(
         (status = 101, description = "Switching Protocols: the WebSocket is open"),
@@ -61,9 +62,41 @@ pub async fn connect(
                 reason = error.code(),
                 "connection rejected"
             );
-            error.into_response()
+            refuse_in_band(&app, error, &mut request)
         }
     }
+}
+
+/// A refusal as the client can see it. Browsers (requests with `Origin`)
+/// cannot read the status of a refused upgrade, so for them a valid
+/// handshake is accepted and closed at once with a code mirroring the
+/// status and the error code as the reason (SPEC §5); other clients get the
+/// status and the JSON body.
+fn refuse_in_band(app: &AppState, error: ApiError, request: &mut Request) -> Response {
+    let browser = request.headers().contains_key(header::ORIGIN);
+    let accept = ws::handshake::accept(request.method(), request.version(), request.headers());
+    let (true, Some(code), Ok(accept)) = (browser, error.close_code(), accept) else {
+        return error.into_response();
+    };
+    let on_upgrade = hyper::upgrade::on(&mut *request);
+    let reason = error.code();
+    app.relay.connections().spawn(async move {
+        if let Ok(upgraded) = on_upgrade.await {
+            ws::refuse(upgraded, code, reason).await;
+        }
+    });
+    switching_protocols(accept).unwrap_or_else(IntoResponse::into_response)
+}
+
+/// The 101 answer to a valid handshake.
+fn switching_protocols(accept: String) -> Result<Response, ApiError> {
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::UPGRADE, "websocket")
+        .header(header::CONNECTION, "upgrade")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Body::empty())
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
 }
 
 /// Runs the checks in the documented order (draining 503, unknown channel
@@ -100,13 +133,7 @@ async fn upgrade(
             Err(error) => debug!(%error, "upgrade did not complete"),
         }
     });
-    Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::UPGRADE, "websocket")
-        .header(header::CONNECTION, "upgrade")
-        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
-        .body(Body::empty())
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+    switching_protocols(accept)
 }
 
 #[cfg(test)]

@@ -62,6 +62,20 @@ impl ApiError {
         self.code
     }
 
+    /// The close code that carries this refusal to a browser, which cannot
+    /// see the status of a refused upgrade (SPEC §5): 4000 + the status for
+    /// 401, 404 and 409; 1013 (try again later) for 503. `None` for
+    /// failures of the handshake itself, which keep their status.
+    pub fn close_code(&self) -> Option<u16> {
+        match self.status {
+            StatusCode::UNAUTHORIZED | StatusCode::NOT_FOUND | StatusCode::CONFLICT => {
+                Some(4000 + self.status.as_u16())
+            }
+            StatusCode::SERVICE_UNAVAILABLE => Some(crate::ws::codec::close_code::TRY_AGAIN_LATER),
+            _ => None,
+        }
+    }
+
     pub fn message(&self) -> &str {
         &self.message
     }
@@ -81,6 +95,7 @@ impl ApiError {
             "cluster_unavailable",
             "the cluster's shared store (NATS) cannot be reached right now; try again or use another node",
         )
+        .with_header(header::RETRY_AFTER, "1")
     }
 
     /// 400 naming the field at fault.
@@ -131,7 +146,8 @@ pub fn connect_error(error: ConnectError, id: &ChannelId) -> ApiError {
             StatusCode::SERVICE_UNAVAILABLE,
             "draining",
             "this node is shutting down; connect again (another node will take you)",
-        ),
+        )
+        .with_header(header::RETRY_AFTER, "1"),
         ConnectError::NotFound => ApiError::channel_not_found(id.as_str()),
         ConnectError::MissingToken => ApiError::new(
             StatusCode::UNAUTHORIZED,

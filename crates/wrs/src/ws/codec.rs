@@ -45,6 +45,7 @@ pub mod close_code {
     pub const PROTOCOL_ERROR: u16 = 1002;
     pub const INVALID_PAYLOAD: u16 = 1007;
     pub const POLICY: u16 = 1008;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
 /// One complete thing read from a client.

@@ -66,6 +66,37 @@ pub(crate) async fn serve(upgraded: Upgraded, member: Member) {
     debug!(channel = %channel.id(), client = %client.id(), ending = %ending, "client disconnected");
 }
 
+/// Closes a connection upgraded only to say why it was refused: the close
+/// frame (`code`, `reason`) at once, then, bounded by the closing
+/// handshake's timeout, the client's close frame (anything before it is
+/// discarded).
+pub(crate) async fn refuse(upgraded: Upgraded, code: u16, reason: &str) {
+    let mut io = TokioIo::new(upgraded);
+    let frame = codec::encode_close(code, reason);
+    let handshake = async {
+        io.write_all(&frame).await?;
+        io.flush().await?;
+        let mut decoder = Decoder::new(READ_CHUNK);
+        let mut inbox = BytesMut::with_capacity(READ_CHUNK);
+        loop {
+            if io.read_buf(&mut inbox).await? == 0 {
+                return io::Result::Ok(());
+            }
+            loop {
+                match decoder.decode(&mut inbox) {
+                    Ok(Some(Event::Close(_))) | Err(_) => return io.shutdown().await,
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                }
+            }
+            if inbox.len() > READ_CHUNK {
+                return Ok(());
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, handshake).await;
+}
+
 /// How a connection ended.
 #[derive(Debug)]
 enum Ending {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -344,6 +344,19 @@ pub struct RawWs {
 /// Sends a handshake request with `extra` headers replacing the defaults
 /// where given; returns the response head and the open stream.
 pub async fn raw_request(addr: SocketAddr, request: &str) -> RawWs {
+    let raw = raw_exchange(addr, request).await;
+    if raw.status == 101 {
+        assert!(
+            raw.leftover.is_empty(),
+            "frames arrived with the handshake response"
+        );
+    }
+    raw
+}
+
+/// Like [`raw_request`], but frames may follow the 101 at once (they are
+/// in `leftover`).
+pub async fn raw_exchange(addr: SocketAddr, request: &str) -> RawWs {
     let mut stream = bounded("tcp connect", TcpStream::connect(addr))
         .await
         .expect("connect");
@@ -369,18 +382,35 @@ pub async fn raw_request(addr: SocketAddr, request: &str) -> RawWs {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no status in {head:?}"));
-    if status == 101 {
-        assert!(
-            leftover.is_empty(),
-            "frames arrived with the handshake response"
-        );
-    }
     RawWs {
         stream,
         status,
         head,
         leftover,
     }
+}
+
+/// Reads the JSON body after a raw response head.
+pub async fn raw_json_body(raw: &mut RawWs) -> serde_json::Value {
+    let length: usize = raw
+        .head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .expect("content-length");
+    let mut body = std::mem::take(&mut raw.leftover);
+    let have = body.len();
+    body.resize(length, 0);
+    bounded(
+        "error body",
+        tokio::io::AsyncReadExt::read_exact(&mut raw.stream, &mut body[have..]),
+    )
+    .await
+    .unwrap();
+    serde_json::from_slice(&body).unwrap()
 }
 
 /// A complete, valid upgrade request for `path`.
@@ -425,7 +455,7 @@ pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Reads one unmasked server frame: (opcode, payload).
-pub async fn read_server_frame(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+pub async fn read_server_frame<R: AsyncRead + Unpin>(stream: &mut R) -> Option<(u8, Vec<u8>)> {
     let mut head = [0u8; 2];
     bounded("frame header", stream.read_exact(&mut head))
         .await
