@@ -106,6 +106,24 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub ping_interval_ms: u64,
 
+    /// Most connections this node holds; beyond it connects get 503 (1013 for browsers), and
+    /// readiness is 503 from 90 % until below 80 % again [default: the open-file limit minus
+    /// 100 kept for the listener, NATS and HTTP requests].
+    #[arg(long, env = "WRS_MAX_CONNECTIONS",
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_connections: Option<u32>,
+
+    /// Most new connections a second; faster connects get 503 with Retry-After (1013 for
+    /// browsers) [default: no limit].
+    #[arg(long, env = "WRS_CONNECT_RATE",
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub connect_rate: Option<u32>,
+
+    /// Connects that may arrive at once above `WRS_CONNECT_RATE` [default: one second's worth].
+    #[arg(long, env = "WRS_CONNECT_BURST", requires = "connect_rate",
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub connect_burst: Option<u32>,
+
     /// How long a graceful stop may take before the process exits anyway, in ms (0-600000).
     #[arg(long, env = "WRS_SHUTDOWN_TIMEOUT_MS", default_value_t = 5_000,
           value_parser = clap::value_parser!(u64).range(0..=600_000))]
@@ -398,8 +416,25 @@ impl Config {
             },
             slow_consumer: self.slow_consumer,
             ping_interval: Duration::from_millis(self.ping_interval_ms),
+            max_connections: self
+                .max_connections
+                .map_or_else(default_max_connections, |max| max as usize),
+            connect_rate: self
+                .connect_rate
+                .map(|rate| (rate, self.connect_burst.unwrap_or(rate))),
         }
     }
+}
+
+/// Open files kept out of `WRS_MAX_CONNECTIONS`'s default: the listener,
+/// NATS, logs, HTTP requests.
+const FILE_RESERVE: u64 = 100;
+
+/// The open-file limit (as raised at start) minus [`FILE_RESERVE`]: every
+/// connection is a socket.
+fn default_max_connections() -> usize {
+    let limit = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
+    usize::try_from(limit.saturating_sub(FILE_RESERVE).max(1)).unwrap_or(usize::MAX)
 }
 
 /// A secret setting: `Debug` never shows it.

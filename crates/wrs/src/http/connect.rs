@@ -34,7 +34,7 @@ pub struct ConnectQuery {
         (status = 404, description = "Unknown channel", body = ErrorBody),
         (status = 409, description = "Channel full (clientLimit)", body = ErrorBody),
         (status = 426, description = "Not a WebSocket upgrade, or not version 13", body = ErrorBody),
-        (status = 503, description = "Node draining", body = ErrorBody)))]
+        (status = 503, description = "Node draining, at WRS_MAX_CONNECTIONS, over WRS_CONNECT_RATE, or without its cluster store; Retry-After says when to try again", body = ErrorBody)))]
 pub async fn connect(
     State(app): State<AppState>,
     path: Result<ChannelPath, ApiError>,

@@ -49,8 +49,12 @@ impl ApiError {
         }
     }
 
-    fn with_header(mut self, name: HeaderName, value: &'static str) -> Self {
-        self.header = Some((name, HeaderValue::from_static(value)));
+    fn with_header(self, name: HeaderName, value: &'static str) -> Self {
+        self.with_header_value(name, HeaderValue::from_static(value))
+    }
+
+    fn with_header_value(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.header = Some((name, value));
         self
     }
 
@@ -160,6 +164,21 @@ pub fn connect_error(error: ConnectError, id: &ChannelId) -> ApiError {
             "wrong token for this channel",
         ),
         ConnectError::Unavailable => ApiError::cluster_unavailable(),
+        ConnectError::Overloaded { max } => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            format!("this node holds its most connections ({max}); connect again (another node will take you)"),
+        )
+        .with_header(header::RETRY_AFTER, "1"),
+        ConnectError::TooFast { wait } => {
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "connect_rate_exceeded",
+                "connects arrive faster than this node takes them; connect again shortly",
+            )
+            .with_header_value(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)))
+        }
         ConnectError::Full { limit } => ApiError::new(
             StatusCode::CONFLICT,
             "channel_full",

@@ -164,7 +164,8 @@ pub struct NodeView {
     id: String,
     /// Host and port clients use.
     address: String,
-    /// `ready`, `draining`, or `disconnected` (the node cannot reach NATS).
+    /// `ready`, `draining`, `disconnected` (the node cannot reach NATS), or
+    /// `overloaded` (from 90 % of `WRS_MAX_CONNECTIONS` until below 80 %).
     state: NodeState,
     started_at: String,
     uptime_ms: u64,
@@ -258,22 +259,32 @@ pub async fn healthz() -> impl IntoResponse {
     ok("alive", Status { status: "ok" })
 }
 
-/// `GET /readyz`: 503 while draining.
+/// `GET /readyz`: 503 while draining, disconnected or overloaded.
 #[utoipa::path(get, path = "/readyz", tag = "service", summary = "Readiness",
-    description = "503 while the node drains (shutting down), or in a cluster while it cannot reach NATS.",
+    description = "503 while the node drains (shutting down), in a cluster while it cannot reach NATS, and while it is overloaded: from 90 % of WRS_MAX_CONNECTIONS until it is below 80 % again.",
     responses((status = 200, body = Envelope<Status>), (status = 503, body = ErrorBody)))]
 pub async fn readyz(State(app): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    if app.relay.is_draining() {
-        return Err(ApiError::new(
+    match app.relay.state() {
+        NodeState::Ready => Ok(ok("ready", Status { status: "ready" })),
+        NodeState::Draining => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "draining",
             "node is draining and accepts no new connections",
-        ));
+        )),
+        NodeState::Disconnected => Err(ApiError::cluster_unavailable()),
+        NodeState::Overloaded => {
+            let capacity = app.relay.capacity();
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                format!(
+                    "node holds {} of its {} connections; ready again below 80 %",
+                    capacity.held(),
+                    capacity.max()
+                ),
+            ))
+        }
     }
-    if !app.relay.is_ready() {
-        return Err(ApiError::cluster_unavailable());
-    }
-    Ok(ok("ready", Status { status: "ready" }))
 }
 
 /// `GET /metrics`: Prometheus text (OpenMetrics).

@@ -15,6 +15,7 @@ use tracing::debug;
 use super::channel::Channel;
 use super::client::{Client, CloseReason};
 use super::ids::ClientId;
+use super::overload::Slot;
 use super::{ConnectError, Relay};
 use crate::ws::codec::{self, OpCode};
 
@@ -27,6 +28,9 @@ pub struct Reservation {
     id: Option<ClientId>,
     /// Whether the place is still held (not yet admitted).
     held: bool,
+    /// The connection's share of the node's capacity (the member takes
+    /// it over).
+    slot: Option<Slot>,
 }
 
 impl Reservation {
@@ -37,12 +41,17 @@ impl Reservation {
         relay: &Arc<Relay>,
         channel: &Arc<Channel>,
     ) -> Result<Self, ConnectError> {
+        let slot = relay
+            .capacity()
+            .take()
+            .map_err(|refusal| relay.refused(refusal))?;
         channel.hold_place().map_err(ConnectError::from)?;
         let mut reservation = Self {
             relay: Arc::clone(relay),
             channel: Arc::clone(channel),
             id: None,
             held: true,
+            slot: Some(slot),
         };
         reservation.id = relay
             .coordinator()
@@ -81,6 +90,7 @@ impl Reservation {
             relay,
             channel,
             client,
+            _slot: self.slot.take(),
         };
         // Draining began after the checks: the drain sweep may have missed it.
         if member.relay.is_draining() {
@@ -119,6 +129,8 @@ pub struct Member {
     relay: Arc<Relay>,
     channel: Arc<Channel>,
     client: Arc<Client>,
+    /// Given back after the client left (fields drop after `drop`).
+    _slot: Option<Slot>,
 }
 
 impl Member {

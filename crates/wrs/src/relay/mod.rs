@@ -18,6 +18,7 @@ pub mod deliver;
 mod expiry;
 pub mod ids;
 pub mod order;
+pub mod overload;
 pub mod pattern;
 pub mod registry;
 pub mod subprotocol;
@@ -43,6 +44,7 @@ use coordinator::{
 };
 use deliver::{Inbound, Outlet, prepare};
 use ids::{ChannelId, ClientId, Token};
+use overload::{Capacity, Refusal};
 use registry::{CreateError, Registry};
 use subprotocol::FrameError;
 
@@ -59,6 +61,9 @@ pub enum NodeState {
     Draining,
     /// Cannot reach the shared state (NATS): refuses new connections.
     Disconnected,
+    /// Above 90 % of `WRS_MAX_CONNECTIONS` (until below 80 % again): not
+    /// ready, though connections are still taken up to the maximum.
+    Overloaded,
 }
 
 impl std::fmt::Display for NodeState {
@@ -73,6 +78,7 @@ impl NodeState {
             NodeState::Ready => "ready",
             NodeState::Draining => "draining",
             NodeState::Disconnected => "disconnected",
+            NodeState::Overloaded => "overloaded",
         }
     }
 }
@@ -106,6 +112,10 @@ pub struct RelaySettings {
     pub queue: QueueLimits,
     pub slow_consumer: SlowConsumerPolicy,
     pub ping_interval: Duration,
+    /// Most connections held at once (open or being upgraded).
+    pub max_connections: usize,
+    /// New connections per second and burst, if limited.
+    pub connect_rate: Option<(u32, u32)>,
 }
 
 /// A message a client sent: a complete text (valid UTF-8) or binary payload.
@@ -138,6 +148,10 @@ pub enum ConnectError {
     Full { limit: u32 },
     #[error("the cluster store is unavailable")]
     Unavailable,
+    #[error("node at its connection limit ({max})")]
+    Overloaded { max: usize },
+    #[error("connects arrive faster than the node's connect rate")]
+    TooFast { wait: Duration },
 }
 
 impl From<JoinError> for ConnectError {
@@ -188,6 +202,7 @@ pub struct Relay {
     coordinator: Arc<dyn Coordinator>,
     metrics: Arc<Metrics>,
     draining: AtomicBool,
+    capacity: Arc<Capacity>,
     /// Parent of every channel's token; cancelled when the relay stops.
     root: CancellationToken,
     /// Channel timeout watchers and the coordinator's loops.
@@ -204,8 +219,10 @@ impl Relay {
         coordinator: Arc<dyn Coordinator>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
+        let capacity = Capacity::new(settings.max_connections, settings.connect_rate);
         Arc::new(Self {
             registry: Registry::new(),
+            capacity,
             settings,
             clock: Clock::new(),
             started_at: SystemTime::now(),
@@ -265,15 +282,23 @@ impl Relay {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// This node's state: draining, unable to reach shared state, or ready.
+    /// This node's state: draining, unable to reach shared state,
+    /// overloaded, or ready.
     pub fn state(&self) -> NodeState {
         if self.is_draining() {
             NodeState::Draining
-        } else if self.coordinator.is_available() {
-            NodeState::Ready
-        } else {
+        } else if !self.coordinator.is_available() {
             NodeState::Disconnected
+        } else if self.capacity.is_overloaded() {
+            NodeState::Overloaded
+        } else {
+            NodeState::Ready
         }
+    }
+
+    /// The node's connections against its limits.
+    pub fn capacity(&self) -> &Arc<Capacity> {
+        &self.capacity
     }
 
     /// Ready for new connections.
@@ -538,17 +563,21 @@ impl Relay {
     /// # Errors
     ///
     /// [`ConnectError`], in this order: draining (or shared state
-    /// unreachable), unknown channel, missing or wrong token.
+    /// unreachable), faster than the connect rate, unknown channel, missing
+    /// or wrong token.
     pub async fn authorize(
         self: &Arc<Self>,
         id: &ChannelId,
         token: Option<&str>,
     ) -> Result<Arc<Channel>, ConnectError> {
         match self.state() {
-            NodeState::Ready => {}
+            NodeState::Ready | NodeState::Overloaded => {}
             NodeState::Draining => return Err(ConnectError::Draining),
             NodeState::Disconnected => return Err(ConnectError::Unavailable),
         }
+        self.capacity
+            .pace()
+            .map_err(|refusal| self.refused(refusal))?;
         let channel = self
             .lookup(id)
             .await
@@ -573,6 +602,16 @@ impl Relay {
         channel: &Arc<Channel>,
     ) -> Result<Reservation, ConnectError> {
         Reservation::hold(self, channel).await
+    }
+
+    /// The refusal for the node's own limits.
+    fn refused(&self, refusal: Refusal) -> ConnectError {
+        match refusal {
+            Refusal::Full => ConnectError::Overloaded {
+                max: self.capacity.max(),
+            },
+            Refusal::TooFast(wait) => ConnectError::TooFast { wait },
+        }
     }
 
     /// Delivery into this node's outboxes.
