@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::nats::metric;
 use common::*;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -26,25 +27,23 @@ async fn browser_connect(url: &str) -> Ws {
 
 /// The counters of refused connects, by reason, and the open connections.
 async fn refusal_counts(server: &TestServer) -> (f64, f64, f64, f64) {
-    let text = server
-        .http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
-    };
     (
-        value(r#"wrs_connect_rejections_total{reason="channel_not_found"}"#),
-        value(r#"wrs_connect_rejections_total{reason="invalid_token"}"#),
-        value(r#"wrs_connect_rejections_total{reason="channel_full"}"#),
-        value("wrs_connections_open"),
+        metric(
+            server,
+            r#"wrs_connect_rejections_total{reason="channel_not_found"}"#,
+        )
+        .await,
+        metric(
+            server,
+            r#"wrs_connect_rejections_total{reason="invalid_token"}"#,
+        )
+        .await,
+        metric(
+            server,
+            r#"wrs_connect_rejections_total{reason="channel_full"}"#,
+        )
+        .await,
+        metric(server, "wrs_connections_open").await,
     )
 }
 
