@@ -13,7 +13,9 @@ use clap::{CommandFactory, Parser, ValueEnum};
 pub use access::{AuthPolicy, CorsOrigins};
 
 use crate::relay::client::QueueLimits;
-use crate::relay::{RelaySettings, SlowConsumerPolicy};
+use crate::relay::{
+    ClientRatePolicy, DrainSettings, RebalanceSettings, RelaySettings, SlowConsumerPolicy,
+};
 
 /// Longest server frame header; a client's outbox must fit one largest
 /// message plus this.
@@ -124,10 +126,67 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub connect_burst: Option<u32>,
 
-    /// How long a graceful stop may take before the process exits anyway, in ms (0-600000).
-    #[arg(long, env = "WRS_SHUTDOWN_TIMEOUT_MS", default_value_t = 5_000,
+    /// Per-client messages a second; beyond it WRS_CLIENT_RATE_POLICY applies [default: no limit].
+    #[arg(long, env = "WRS_CLIENT_RATE",
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub client_rate: Option<u32>,
+
+    /// Messages a client may send at once above WRS_CLIENT_RATE [default: one second's worth].
+    #[arg(long, env = "WRS_CLIENT_BURST", requires = "client_rate",
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub client_burst: Option<u32>,
+
+    /// A client over WRS_CLIENT_RATE: throttle (stop reading its socket until the bucket refills,
+    /// nothing is dropped) or close (1008 "rate limit exceeded").
+    #[arg(long, env = "WRS_CLIENT_RATE_POLICY", value_enum, default_value_t = ClientRatePolicy::Throttle)]
+    pub client_rate_policy: ClientRatePolicy,
+
+    /// Close each connection with 1012 after this age, in ms, jittered ±10 % (1000-2592000000)
+    /// [default: no maximum].
+    #[arg(long, env = "WRS_MAX_CONNECTION_AGE_MS",
+          value_parser = clap::value_parser!(u64).range(1_000..=2_592_000_000))]
+    pub max_connection_age_ms: Option<u64>,
+
+    /// On a drain, how long connections are still accepted after readiness turned 503 (the
+    /// balancer's time to notice), in ms (0-600000).
+    #[arg(long, env = "WRS_DRAIN_DELAY_MS", default_value_t = 5_000,
           value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub drain_delay_ms: u64,
+
+    /// On a drain, most clients closed with 1012 a second (1-1000000).
+    #[arg(long, env = "WRS_DRAIN_RATE", default_value_t = 500,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub drain_rate: u32,
+
+    /// From SIGTERM until the clients still connected are closed with 1001 and the process
+    /// exits, in ms: the drain delay plus a full node at WRS_DRAIN_RATE should fit
+    /// (the default: 5 s + 20 000 clients at 500/s, plus margin) (0-3600000).
+    #[arg(long, env = "WRS_SHUTDOWN_TIMEOUT_MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     pub shutdown_timeout_ms: u64,
+
+    /// Rebalancing in a cluster: a node well above the average sheds its excess with 1012.
+    #[arg(long, env = "WRS_REBALANCE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub rebalance: bool,
+
+    /// A node sheds only above this multiple of the average connections per node (1.0-100).
+    #[arg(long, env = "WRS_REBALANCE_RELATIVE", default_value_t = 1.1, value_parser = parse_relative)]
+    pub rebalance_relative: f64,
+
+    /// ... and only above the average plus this many connections (0-10000000).
+    #[arg(long, env = "WRS_REBALANCE_ABSOLUTE", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
+    pub rebalance_absolute: u32,
+
+    /// Most clients a shedding node closes a second (1-1000000).
+    #[arg(long, env = "WRS_REBALANCE_RATE", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub rebalance_rate: u32,
+
+    /// TCP port answering HAProxy's agent-check (`ready 73%`, `drain`, `down`) [default: off].
+    #[arg(long, env = "WRS_AGENT_PORT",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub agent_port: Option<u16>,
 
     /// How long a client may take to send an HTTP request's headers, in ms; slower connections are closed (100-600000).
     #[arg(long, env = "WRS_HEADER_TIMEOUT_MS", default_value_t = 30_000,
@@ -304,6 +363,8 @@ impl Config {
         config.api_port = 0;
         config.bind_address = IpAddr::from([127, 0, 0, 1]);
         config.node_id = Some("test-node".to_owned());
+        // Tests stop servers often and have no balancer to wait for.
+        config.drain_delay_ms = 0;
         config
     }
 
@@ -422,7 +483,29 @@ impl Config {
             connect_rate: self
                 .connect_rate
                 .map(|rate| (rate, self.connect_burst.unwrap_or(rate))),
+            client_rate: self
+                .client_rate
+                .map(|rate| (rate, self.client_burst.unwrap_or(rate))),
+            client_rate_policy: self.client_rate_policy,
+            max_connection_age: self.max_connection_age_ms.map(Duration::from_millis),
+            drain: DrainSettings {
+                delay: Duration::from_millis(self.drain_delay_ms),
+                rate: self.drain_rate,
+            },
+            rebalance: self.rebalance.then_some(RebalanceSettings {
+                relative: self.rebalance_relative,
+                absolute: u64::from(self.rebalance_absolute),
+                rate: self.rebalance_rate,
+            }),
         }
+    }
+}
+
+fn parse_relative(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(value) if (1.0..=100.0).contains(&value) => Ok(value),
+        Ok(_) => Err("must be between 1.0 and 100".to_owned()),
+        Err(_) => Err("must be a number such as 1.1".to_owned()),
     }
 }
 

@@ -13,6 +13,7 @@
 //! # }
 //! ```
 
+pub mod agent;
 pub mod cluster;
 pub mod config;
 pub mod healthcheck;
@@ -65,6 +66,7 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Server {
     local_addr: SocketAddr,
+    agent_addr: Option<SocketAddr>,
     relay: Arc<Relay>,
     stop: CancellationToken,
     task: JoinHandle<()>,
@@ -104,13 +106,38 @@ pub async fn start(mut config: Config) -> Result<Server, StartError> {
         Ok(bound) => bound,
         Err(source) => {
             // Leave the cluster again before giving up.
-            relay.begin_drain();
             relay
-                .stop(tokio::time::Instant::now() + std::time::Duration::from_secs(2))
+                .stop(tokio::time::Instant::now(), std::time::Duration::from_secs(2))
                 .await;
             return Err(StartError::Bind { address, source });
         }
     };
+    // The agent answers until the server has stopped: `drain` while it drains.
+    let agent_stop = CancellationToken::new();
+    let agent = match config.agent_port {
+        None => None,
+        Some(port) => {
+            let address = SocketAddr::new(config.bind_address, port);
+            let bound = match TcpListener::bind(address).await {
+                Ok(listener) => listener.local_addr().map(|local| (listener, local)),
+                Err(error) => Err(error),
+            };
+            match bound {
+                Ok(bound) => Some(bound),
+                Err(source) => {
+                    relay
+                        .stop(tokio::time::Instant::now(), std::time::Duration::from_secs(2))
+                        .await;
+                    return Err(StartError::Bind { address, source });
+                }
+            }
+        }
+    };
+    let agent_addr = agent.as_ref().map(|(_, local)| *local);
+    if let Some((listener, _)) = agent {
+        let (relay, stop) = (Arc::clone(&relay), agent_stop.clone());
+        tokio::spawn(agent::serve(listener, relay, stop));
+    }
     // With port 0 the system picked one: links and metadata show the real one.
     config.api_port = local_addr.port();
     if let Some(cluster) = &cluster {
@@ -133,13 +160,14 @@ pub async fn start(mut config: Config) -> Result<Server, StartError> {
         acceptor,
         app,
         Arc::clone(&relay),
-        stop.clone(),
+        [stop.clone(), agent_stop],
         shutdown_timeout,
         header_timeout,
     ));
     info!(address = %local_addr, node = %relay.settings().node_id, "listening");
     Ok(Server {
         local_addr,
+        agent_addr,
         relay,
         stop,
         task,
@@ -151,13 +179,19 @@ impl Server {
         self.local_addr
     }
 
+    /// Where the HAProxy agent-check answers (`WRS_AGENT_PORT`).
+    pub fn agent_addr(&self) -> Option<SocketAddr> {
+        self.agent_addr
+    }
+
     pub fn relay(&self) -> &Arc<Relay> {
         &self.relay
     }
 
-    /// Gracefully stops: readiness turns 503, new connections are refused,
-    /// clients are closed with 1001, then HTTP stops; bounded by
-    /// `WRS_SHUTDOWN_TIMEOUT_MS`.
+    /// Gracefully stops: readiness turns 503, connections are still taken
+    /// for `WRS_DRAIN_DELAY_MS`, then clients are closed with 1012 at
+    /// `WRS_DRAIN_RATE`; those left at `WRS_SHUTDOWN_TIMEOUT_MS` get 1001;
+    /// then HTTP stops.
     pub async fn shutdown(self) {
         self.stop.cancel();
         if let Err(error) = self.task.await {
@@ -171,10 +205,12 @@ async fn run(
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     app: axum::Router,
     relay: Arc<Relay>,
-    stop: CancellationToken,
+    [stop, agent_stop]: [CancellationToken; 2],
     shutdown_timeout: std::time::Duration,
     header_timeout: std::time::Duration,
 ) {
+    // Stops the agent whichever way this ends.
+    let _agent = agent_stop.drop_guard();
     let http_stop = CancellationToken::new();
     let mut http = match acceptor {
         None => tokio::spawn(serve::serve(
@@ -205,9 +241,9 @@ async fn run(
     }
     info!("shutting down");
     let deadline = tokio::time::Instant::now() + shutdown_timeout;
-    // HTTP keeps answering while clients close, so /readyz reports 503.
-    relay.begin_drain();
-    let drained = relay.stop(deadline).await;
+    // HTTP keeps answering while clients close, so /readyz reports 503 and
+    // connects are taken for the drain delay.
+    let drained = relay.stop(deadline, ws::CLOSE_TIMEOUT).await;
     http_stop.cancel();
     let http_done = tokio::time::timeout_at(deadline, &mut http).await.is_ok();
     if !http_done {

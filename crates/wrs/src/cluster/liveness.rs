@@ -86,6 +86,8 @@ impl NatsCoordinator {
                 channels: status.channels,
                 messages_per_second: rate,
                 max_channels: status.max_channels,
+                max_connections: status.max_connections,
+                weight: status.weight,
             };
             match self.store.nodes.put(&self.node, &record).await {
                 Ok(_) => {
@@ -176,14 +178,18 @@ impl NatsCoordinator {
             .map(|seen| {
                 let record = seen.record;
                 let this_node = record.id == *self.node;
+                // This node's own figures are the live ones.
+                let (state, clients, weight) = match (this_node, status) {
+                    (true, Some(status)) => (status.state, status.connections, status.weight),
+                    _ => (record.state, record.clients, record.weight),
+                };
                 NodeInfo {
-                    state: match (this_node, status) {
-                        (true, Some(status)) => status.state,
-                        _ => record.state,
-                    },
+                    state,
+                    max_connections: record.max_connections,
+                    weight,
                     started_at: from_epoch_ms(record.started_at_ms),
                     channels: record.channels,
-                    clients: record.clients,
+                    clients,
                     messages_per_second: record.messages_per_second,
                     id: record.id,
                     address: record.address,

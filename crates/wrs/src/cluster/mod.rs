@@ -9,6 +9,7 @@
 //! - [`membership`]: the shared rosters, written in batches per node;
 //! - [`activity`]: channel activity shared for cluster-wide timeouts;
 //! - [`liveness`]: heartbeats, dead nodes, eviction;
+//! - [`command`]: drain and ready commands from other nodes;
 //! - [`transport`]: relaying messages between nodes, and the
 //!   subscriptions that follow interest.
 //!
@@ -16,6 +17,7 @@
 
 mod activity;
 mod channels;
+mod command;
 pub mod connect;
 mod liveness;
 mod membership;
@@ -37,8 +39,9 @@ use crate::relay::Delivered;
 use crate::relay::channel::Channel;
 use crate::relay::coordinator::{
     Claim, ClusterSummary, Coordinator, CoordinatorError, EndReason, Ended, EvictError,
-    ExpiryCheck, Handle, JoinRefusal, Listed, NodeInfo, SharedChannel, Tasks,
+    ExpiryCheck, Handle, JoinRefusal, Listed, NodeInfo, SharedChannel, Tasks, CommandError, NodeCommand,
 };
+use crate::relay::NodeState;
 use crate::relay::deliver::{Outlet, Prepared};
 use crate::relay::ids::{ChannelId, ClientId};
 use crate::relay::subprotocol::FrameError;
@@ -274,6 +277,7 @@ impl Coordinator for NatsCoordinator {
             return Ok(());
         }
         self.start_transport().await?;
+        self.start_commands().await?;
         self.start_watches();
         self.start_heartbeat();
         self.start_activity();
@@ -351,6 +355,10 @@ impl Coordinator for NatsCoordinator {
         channel: &Arc<Channel>,
     ) -> Result<ExpiryCheck, CoordinatorError> {
         self.check_expiry(channel).await
+    }
+
+    async fn command(&self, node: &str, command: NodeCommand) -> Result<NodeState, CommandError> {
+        self.send_command(node, command).await
     }
 
     fn nodes(&self) -> Option<Vec<NodeInfo>> {

@@ -137,6 +137,12 @@ pub struct NodeRecord {
     /// The node's `WRS_MAX_CHANNELS` (0: an earlier version that did not say).
     #[serde(default)]
     pub max_channels: usize,
+    /// The node's `WRS_MAX_CONNECTIONS` (0: an earlier version).
+    #[serde(default)]
+    pub max_connections: u64,
+    /// How attractive the node is to a balancer, 0–100.
+    #[serde(default)]
+    pub weight: u8,
 }
 
 /// The cluster-wide roster of a channel in a stable order: nodes by id,

@@ -2,7 +2,7 @@
 //! `{"message": "<human text>", "error": "<machine_code>"}` with a fitting
 //! status.
 
-use crate::relay::coordinator::{CoordinatorError, EvictError};
+use crate::relay::coordinator::{CommandError, CoordinatorError, EvictError};
 use axum::Json;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
@@ -191,6 +191,29 @@ impl From<CoordinatorError> for ApiError {
     fn from(error: CoordinatorError) -> Self {
         tracing::warn!(%error, "cluster operation failed");
         Self::cluster_unavailable()
+    }
+}
+
+impl From<CommandError> for ApiError {
+    fn from(error: CommandError) -> Self {
+        match error {
+            CommandError::NotFound(node) => Self::new(
+                StatusCode::NOT_FOUND,
+                "node_not_found",
+                format!("no live node {node:?} in this cluster"),
+            ),
+            CommandError::ShuttingDown => Self::new(
+                StatusCode::CONFLICT,
+                "shutting_down",
+                "the node is shutting down; its drain cannot be ended",
+            ),
+            CommandError::Unavailable(reason) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cluster_unavailable",
+                format!("the node cannot be reached: {reason}"),
+            )
+            .with_header(header::RETRY_AFTER, "1"),
+        }
     }
 }
 

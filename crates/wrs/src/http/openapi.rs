@@ -53,6 +53,8 @@ pub fn routes(config: &Config) -> OpenApiRouter<AppState> {
         .routes(routes!(service::service))
         .routes(routes!(service::cluster))
         .routes(routes!(service::evict))
+        .routes(routes!(service::drain))
+        .routes(routes!(service::ready))
         .routes(routes!(service::healthz))
         .routes(routes!(service::readyz))
         .routes(routes!(service::metrics))

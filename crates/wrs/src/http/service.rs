@@ -11,6 +11,7 @@ use super::channels::{Envelope, ok, timestamp};
 use super::error::{ApiError, ErrorBody, MAX_BODY_BYTES};
 use crate::metrics::Totals;
 use crate::relay::NodeState;
+use crate::relay::coordinator::NodeCommand;
 use crate::relay::pattern::Pattern;
 
 #[derive(Serialize, ToSchema)]
@@ -164,8 +165,10 @@ pub struct NodeView {
     id: String,
     /// Host and port clients use.
     address: String,
-    /// `ready`, `draining`, `disconnected` (the node cannot reach NATS), or
-    /// `overloaded` (from 90 % of `WRS_MAX_CONNECTIONS` until below 80 %).
+    /// `ready`, `draining` (stopping or evacuated), `shedding` (closing its
+    /// excess over the cluster's average), `disconnected` (the node cannot
+    /// reach NATS), or `overloaded` (from 90 % of `WRS_MAX_CONNECTIONS`
+    /// until below 80 %).
     state: NodeState,
     started_at: String,
     uptime_ms: u64,
@@ -173,6 +176,14 @@ pub struct NodeView {
     channels: u64,
     /// Clients connected to this node.
     clients: u64,
+    /// The same as `clients`: WebSocket connections held by the node.
+    connections: u64,
+    /// The node's `WRS_MAX_CONNECTIONS` (0: a node of an earlier version).
+    max_connections: u64,
+    /// How attractive the node is to a balancer, 0-100: the share of its
+    /// maximum that is free; 0 while it drains, sheds or is disconnected.
+    /// Its HAProxy agent-check answers this weight.
+    weight: u8,
     /// Messages received from this node's clients per second (cluster mode).
     #[serde(skip_serializing_if = "Option::is_none")]
     messages_per_second: Option<u64>,
@@ -195,7 +206,10 @@ pub async fn cluster(State(app): State<AppState>) -> impl IntoResponse {
             started_at: timestamp(relay.started_at()),
             uptime_ms: relay.uptime().as_millis() as u64,
             channels: relay.channel_count() as u64,
-            clients: relay.metrics().totals().connections_open,
+            clients: relay.capacity().held() as u64,
+            connections: relay.capacity().held() as u64,
+            max_connections: relay.capacity().max() as u64,
+            weight: relay.weight(),
             messages_per_second: None,
             this_node: true,
         };
@@ -212,6 +226,9 @@ pub async fn cluster(State(app): State<AppState>) -> impl IntoResponse {
                 .map_or(0, |d| d.as_millis() as u64),
             channels: node.channels,
             clients: node.clients,
+            connections: node.clients,
+            max_connections: node.max_connections,
+            weight: node.weight,
             messages_per_second: Some(node.messages_per_second),
             id: node.id,
             address: node.address,
@@ -245,6 +262,52 @@ pub async fn evict(
     ))
 }
 
+/// A node's state after a drain or ready command.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Commanded {
+    node_id: String,
+    state: NodeState,
+}
+
+/// `POST /cluster/{nodeId}/drain`: evacuates a node for maintenance.
+#[utoipa::path(post, path = "/cluster/{nodeId}/drain", tag = "service", summary = "Drain a node",
+    description = "Starts a maintenance drain of the node (any node can be asked for any node; a standalone node names itself): its readiness turns 503 at once, it still takes connections for WRS_DRAIN_DELAY_MS, then closes its clients with 1012 in random order at most WRS_DRAIN_RATE a second, each after what is queued for it. It stays drained (503, new connections refused) until POST /cluster/{nodeId}/ready. Asking again changes nothing.",
+    params(("nodeId" = String, Path, description = "Node id")),
+    responses((status = 200, body = Envelope<Commanded>), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn drain(
+    State(app): State<AppState>,
+    Path(node): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let state = app.relay.command(&node, NodeCommand::Drain).await?;
+    Ok(ok(
+        format!("node {node} drains"),
+        Commanded {
+            node_id: node,
+            state,
+        },
+    ))
+}
+
+/// `POST /cluster/{nodeId}/ready`: ends a maintenance drain.
+#[utoipa::path(post, path = "/cluster/{nodeId}/ready", tag = "service", summary = "End a node's drain",
+    description = "Ends a maintenance drain: the node is ready again (unless overloaded or disconnected) and keeps the clients it still has. A node that was not draining stays as it is. A node stopping after SIGTERM cannot be made ready: 409.",
+    params(("nodeId" = String, Path, description = "Node id")),
+    responses((status = 200, body = Envelope<Commanded>), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn ready(
+    State(app): State<AppState>,
+    Path(node): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let state = app.relay.command(&node, NodeCommand::Ready).await?;
+    Ok(ok(
+        format!("node {node} is {state}"),
+        Commanded {
+            node_id: node,
+            state,
+        },
+    ))
+}
+
 /// A probe's answer.
 #[derive(Serialize, ToSchema)]
 pub struct Status {
@@ -261,11 +324,11 @@ pub async fn healthz() -> impl IntoResponse {
 
 /// `GET /readyz`: 503 while draining, disconnected or overloaded.
 #[utoipa::path(get, path = "/readyz", tag = "service", summary = "Readiness",
-    description = "503 while the node drains (shutting down), in a cluster while it cannot reach NATS, and while it is overloaded: from 90 % of WRS_MAX_CONNECTIONS until it is below 80 % again.",
+    description = "503 while the node drains (shutting down, or evacuated with POST /cluster/{nodeId}/drain), in a cluster while it cannot reach NATS, and while it is overloaded: from 90 % of WRS_MAX_CONNECTIONS until it is below 80 % again. A shedding node stays ready (its agent-check weight is 0 instead).",
     responses((status = 200, body = Envelope<Status>), (status = 503, body = ErrorBody)))]
 pub async fn readyz(State(app): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     match app.relay.state() {
-        NodeState::Ready => Ok(ok("ready", Status { status: "ready" })),
+        NodeState::Ready | NodeState::Shedding => Ok(ok("ready", Status { status: "ready" })),
         NodeState::Draining => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "draining",
@@ -294,6 +357,8 @@ pub async fn readyz(State(app): State<AppState>) -> Result<impl IntoResponse, Ap
 pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     let metrics = app.relay.metrics();
     metrics.channels_open.set(app.relay.channel_count() as i64);
+    let states = NodeState::ALL.map(NodeState::as_str);
+    metrics.set_node(app.relay.state().as_str(), &states, app.relay.weight());
     if let Some(summary) = app.relay.coordinator().summary() {
         metrics.cluster.connected.set(i64::from(summary.connected));
     }

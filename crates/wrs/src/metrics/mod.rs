@@ -29,6 +29,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     pub route: String,
     pub method: String,
@@ -82,6 +87,9 @@ pub struct Metrics {
     connections_rejected: Counter,
     pub channels_open: Gauge,
     channels_closed: Family<ReasonLabels, Counter>,
+    client_closes: Family<ReasonLabels, Counter>,
+    node_state: Family<StateLabels, Gauge>,
+    node_weight: Gauge,
     http_requests: Family<HttpLabels, Counter>,
     http_duration: Family<RouteLabels, Histogram, LatencyBuckets>,
     /// Cluster mode only (registered when clustered).
@@ -177,6 +185,24 @@ impl Metrics {
             "Channels ended, by reason (deleted, timed_out)",
             channels_closed.clone(),
         );
+        let client_closes = Family::default();
+        registry.register(
+            "client_closes",
+            "Clients closed by the service, by reason (draining, rebalancing, max_age, shutdown, rate_limited)",
+            client_closes.clone(),
+        );
+        let node_state = Family::default();
+        registry.register(
+            "node_state",
+            "1 for this node's state (ready, draining, shedding, overloaded, disconnected), 0 for the others",
+            node_state.clone(),
+        );
+        let node_weight = Gauge::default();
+        registry.register(
+            "node_weight",
+            "How attractive this node is to a balancer, 0-100 (its agent-check weight)",
+            node_weight.clone(),
+        );
         let http_requests = Family::default();
         registry.register(
             "http_requests",
@@ -236,6 +262,9 @@ impl Metrics {
             connections_rejected: Counter::default(),
             channels_open,
             channels_closed,
+            client_closes,
+            node_state,
+            node_weight,
             http_requests,
             http_duration,
         }
@@ -270,6 +299,31 @@ impl Metrics {
         self.channels_closed
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+
+    /// A client closed by the service (not by itself, nor for a protocol
+    /// violation) for `reason`.
+    pub fn client_closed(&self, reason: &'static str) {
+        self.client_closes
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Clients closed by the service for `reason` so far.
+    pub fn client_closes(&self, reason: &'static str) -> u64 {
+        self.client_closes
+            .get_or_create(&ReasonLabels { reason })
+            .get()
+    }
+
+    /// Sets the node's state (one of `states`) and weight, before a scrape.
+    pub fn set_node(&self, state: &'static str, states: &[&'static str], weight: u8) {
+        for &each in states {
+            self.node_state
+                .get_or_create(&StateLabels { state: each })
+                .set(i64::from(each == state));
+        }
+        self.node_weight.set(i64::from(weight));
     }
 
     /// Channels closed for `reason` so far.

@@ -311,6 +311,17 @@ impl Channel {
         clients.len()
     }
 
+    /// Takes one client off the roster (nothing more is routed to it) and
+    /// asks it to close with `reason`, after what is queued for it. False
+    /// if it had left already.
+    pub(crate) fn disconnect(&self, id: ClientId, reason: CloseReason) -> bool {
+        let Some(client) = self.members.write().clients.remove(&id) else {
+            return false;
+        };
+        client.outbox.close(reason);
+        true
+    }
+
     /// Asks every client to close with `reason` but keeps the channel.
     pub(crate) fn disconnect_all(&self, reason: CloseReason) -> usize {
         let clients = std::mem::take(&mut self.members.write().clients);

@@ -42,10 +42,18 @@ pub enum CloseReason {
     ChannelDeleted,
     /// The channel's inactivity timeout ran out.
     ChannelTimedOut,
-    /// The server is shutting down.
+    /// The server is shutting down and the drain window is over.
     ServerShutdown,
+    /// The node drains (shutdown or evacuation): reconnect elsewhere.
+    Draining,
+    /// The node holds more than its share: reconnect elsewhere.
+    Rebalancing,
+    /// The connection reached `WRS_MAX_CONNECTION_AGE_MS`.
+    MaxAge,
     /// The client did not read fast enough and its outbox overflowed.
     SlowConsumer,
+    /// The client sent faster than `WRS_CLIENT_RATE` (close policy).
+    RateLimited,
 }
 
 impl CloseReason {
@@ -55,7 +63,8 @@ impl CloseReason {
             CloseReason::ChannelDeleted => 4001,
             CloseReason::ChannelTimedOut => 4002,
             CloseReason::ServerShutdown => 1001,
-            CloseReason::SlowConsumer => 1008,
+            CloseReason::Draining | CloseReason::Rebalancing | CloseReason::MaxAge => 1012,
+            CloseReason::SlowConsumer | CloseReason::RateLimited => 1008,
         }
     }
 
@@ -65,7 +74,11 @@ impl CloseReason {
             CloseReason::ChannelDeleted => "channel deleted",
             CloseReason::ChannelTimedOut => "channel timed out",
             CloseReason::ServerShutdown => "server shutting down",
+            CloseReason::Draining => "draining",
+            CloseReason::Rebalancing => "rebalancing",
+            CloseReason::MaxAge => "max connection age",
             CloseReason::SlowConsumer => "slow consumer",
+            CloseReason::RateLimited => "rate limit exceeded",
         }
     }
 
@@ -331,5 +344,14 @@ mod tests {
         assert_eq!(CloseReason::ChannelTimedOut.code(), 4002);
         assert_eq!(CloseReason::ServerShutdown.code(), 1001);
         assert_eq!(CloseReason::SlowConsumer.code(), 1008);
+        assert_eq!(CloseReason::RateLimited.code(), 1008);
+        for restart in [
+            CloseReason::Draining,
+            CloseReason::Rebalancing,
+            CloseReason::MaxAge,
+        ] {
+            assert_eq!(restart.code(), 1012);
+            assert!(restart.delivers_queued());
+        }
     }
 }

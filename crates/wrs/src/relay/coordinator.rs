@@ -138,6 +138,10 @@ pub struct NodeInfo {
     /// Clients connected to the node.
     pub clients: u64,
     pub messages_per_second: u64,
+    /// The node's `WRS_MAX_CONNECTIONS` (0: a version that did not say).
+    pub max_connections: u64,
+    /// How attractive the node is to a balancer, 0–100.
+    pub weight: u8,
     pub this_node: bool,
 }
 
@@ -160,6 +164,28 @@ pub enum EvictError {
     Itself,
     #[error(transparent)]
     Unavailable(#[from] CoordinatorError),
+}
+
+/// What one node may ask of another (`POST /cluster/{nodeId}/drain`,
+/// `.../ready`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeCommand {
+    /// Start a maintenance drain.
+    Drain,
+    /// End a maintenance drain.
+    Ready,
+}
+
+/// Why a node command was not carried out.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum CommandError {
+    #[error("no live node {0:?} in this cluster")]
+    NotFound(String),
+    #[error("the node is shutting down; its drain cannot be ended")]
+    ShuttingDown,
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Keeps channels, their rosters, their activity and the nodes in step
@@ -261,6 +287,9 @@ pub trait Coordinator: Send + Sync + fmt::Debug + 'static {
     /// many clients were removed.
     async fn evict(&self, node: &str) -> Result<usize, EvictError>;
 
+    /// Has another node carry out `command`; returns its state afterwards.
+    async fn command(&self, node: &str, command: NodeCommand) -> Result<NodeState, CommandError>;
+
     /// This node stops: remove what it holds in shared state.
     async fn leave(&self);
 }
@@ -284,6 +313,10 @@ pub struct NodeStatus {
     pub messages_in: u64,
     /// `WRS_MAX_CHANNELS`.
     pub max_channels: usize,
+    /// `WRS_MAX_CONNECTIONS`.
+    pub max_connections: u64,
+    /// How attractive the node is to a balancer, 0–100.
+    pub weight: u8,
 }
 
 impl Handle {
@@ -333,6 +366,14 @@ impl Handle {
     /// This node's state and load.
     pub fn status(&self) -> Option<NodeStatus> {
         self.relay.upgrade().map(|relay| relay.status())
+    }
+
+    /// Carries out a command another node sent to this one.
+    pub fn command(&self, command: NodeCommand) -> Result<NodeState, CommandError> {
+        match self.relay.upgrade() {
+            Some(relay) => relay.apply(command),
+            None => Err(CommandError::ShuttingDown),
+        }
     }
 }
 
@@ -447,6 +488,10 @@ impl Coordinator for Standalone {
 
     async fn evict(&self, node: &str) -> Result<usize, EvictError> {
         Err(EvictError::NotFound(node.to_owned()))
+    }
+
+    async fn command(&self, node: &str, _: NodeCommand) -> Result<NodeState, CommandError> {
+        Err(CommandError::NotFound(node.to_owned()))
     }
 
     async fn leave(&self) {}

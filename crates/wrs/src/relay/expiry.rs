@@ -198,6 +198,13 @@ mod tests {
         async fn evict(&self, node: &str) -> Result<usize, EvictError> {
             Err(EvictError::NotFound(node.to_owned()))
         }
+        async fn command(
+            &self,
+            node: &str,
+            _: NodeCommand,
+        ) -> Result<crate::relay::NodeState, CommandError> {
+            Err(CommandError::NotFound(node.to_owned()))
+        }
         async fn leave(&self) {}
     }
 

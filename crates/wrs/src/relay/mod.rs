@@ -15,6 +15,7 @@ pub mod client;
 pub mod clock;
 pub mod coordinator;
 pub mod deliver;
+pub mod evacuate;
 mod expiry;
 pub mod ids;
 pub mod order;
@@ -24,7 +25,6 @@ pub mod registry;
 pub mod subprotocol;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -39,10 +39,12 @@ use channel::{Channel, ChannelSpec, JoinError};
 use client::{Client, QueueLimits};
 use clock::{Clock, epoch_ms};
 use coordinator::{
-    Claim, Coordinator, CoordinatorError, EndReason, Ended, Handle, JoinRefusal, Listed,
-    NodeStatus, SharedChannel, Standalone, Tasks,
+    Claim, CommandError, Coordinator, CoordinatorError, EndReason, Ended, Handle, JoinRefusal,
+    Listed, NodeCommand, NodeStatus, SharedChannel, Standalone, Tasks,
 };
 use deliver::{Inbound, Outlet, prepare};
+pub use evacuate::{DrainKind, DrainSettings, RebalanceSettings};
+use evacuate::Evacuation;
 use ids::{ChannelId, ClientId, Token};
 use overload::{Capacity, Refusal};
 use registry::{CreateError, Registry};
@@ -57,8 +59,12 @@ const ID_ATTEMPTS: usize = 16;
 pub enum NodeState {
     /// Accepting connections.
     Ready,
-    /// Stopping: refuses new connections, closes its clients.
+    /// Draining (stopping, or evacuated for maintenance): not ready; after
+    /// the drain delay refuses new connections and closes its clients.
     Draining,
+    /// Holds well more than the average node and closes its excess; still
+    /// takes connections, but tells the balancer it is unattractive.
+    Shedding,
     /// Cannot reach the shared state (NATS): refuses new connections.
     Disconnected,
     /// Above 90 % of `WRS_MAX_CONNECTIONS` (until below 80 % again): not
@@ -73,10 +79,19 @@ impl std::fmt::Display for NodeState {
 }
 
 impl NodeState {
+    pub const ALL: [NodeState; 5] = [
+        NodeState::Ready,
+        NodeState::Draining,
+        NodeState::Shedding,
+        NodeState::Overloaded,
+        NodeState::Disconnected,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             NodeState::Ready => "ready",
             NodeState::Draining => "draining",
+            NodeState::Shedding => "shedding",
             NodeState::Disconnected => "disconnected",
             NodeState::Overloaded => "overloaded",
         }
@@ -101,6 +116,16 @@ impl SlowConsumerPolicy {
     }
 }
 
+/// What happens when a client sends faster than `WRS_CLIENT_RATE`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClientRatePolicy {
+    /// Stop reading its socket until the bucket refills (TCP backpressure,
+    /// nothing is dropped).
+    Throttle,
+    /// Close it with 1008 "rate limit exceeded".
+    Close,
+}
+
 /// The knobs of the relay, taken from the configuration.
 #[derive(Clone, Debug)]
 pub struct RelaySettings {
@@ -116,6 +141,14 @@ pub struct RelaySettings {
     pub max_connections: usize,
     /// New connections per second and burst, if limited.
     pub connect_rate: Option<(u32, u32)>,
+    /// Messages per second and burst of each client, if limited.
+    pub client_rate: Option<(u32, u32)>,
+    pub client_rate_policy: ClientRatePolicy,
+    /// Connections are closed with 1012 at about this age (±10 %).
+    pub max_connection_age: Option<Duration>,
+    pub drain: DrainSettings,
+    /// `None`: rebalancing is off.
+    pub rebalance: Option<RebalanceSettings>,
 }
 
 /// A message a client sent: a complete text (valid UTF-8) or binary payload.
@@ -201,7 +234,7 @@ pub struct Relay {
     registry: Registry,
     coordinator: Arc<dyn Coordinator>,
     metrics: Arc<Metrics>,
-    draining: AtomicBool,
+    evacuation: Evacuation,
     capacity: Arc<Capacity>,
     /// Parent of every channel's token; cancelled when the relay stops.
     root: CancellationToken,
@@ -228,7 +261,7 @@ impl Relay {
             started_at: SystemTime::now(),
             coordinator,
             metrics,
-            draining: AtomicBool::new(false),
+            evacuation: Evacuation::default(),
             root: CancellationToken::new(),
             background: TaskTracker::new(),
             connections: TaskTracker::new(),
@@ -251,7 +284,17 @@ impl Relay {
     /// The coordinator's reason.
     pub async fn start(self: &Arc<Self>) -> Result<(), CoordinatorError> {
         let tasks = Tasks::new(self.background.clone(), self.root.clone());
-        self.coordinator.start(Handle::new(self), tasks).await
+        self.coordinator.start(Handle::new(self), tasks).await?;
+        if let Some(settings) = self.settings.rebalance
+            && self.coordinator.nodes().is_some()
+        {
+            let relay = Arc::clone(self);
+            let stop = self.root.clone();
+            self.background.spawn(async move {
+                stop.run_until_cancelled(relay.rebalance(settings)).await;
+            });
+        }
+        Ok(())
     }
 
     pub fn settings(&self) -> &RelaySettings {
@@ -279,11 +322,11 @@ impl Relay {
     }
 
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
+        self.evacuation.is_draining()
     }
 
     /// This node's state: draining, unable to reach shared state,
-    /// overloaded, or ready.
+    /// overloaded, shedding, or ready.
     pub fn state(&self) -> NodeState {
         if self.is_draining() {
             NodeState::Draining
@@ -291,8 +334,52 @@ impl Relay {
             NodeState::Disconnected
         } else if self.capacity.is_overloaded() {
             NodeState::Overloaded
+        } else if self.evacuation.is_shedding() {
+            NodeState::Shedding
         } else {
             NodeState::Ready
+        }
+    }
+
+    /// How attractive this node is to a balancer, 0–100: the share of its
+    /// `WRS_MAX_CONNECTIONS` that is free, and 0 while it drains, sheds or
+    /// cannot reach shared state.
+    pub fn weight(&self) -> u8 {
+        match self.state() {
+            NodeState::Ready | NodeState::Overloaded => {
+                let max = self.capacity.max().max(1);
+                let free = max.saturating_sub(self.capacity.held());
+                (free * 100 / max) as u8
+            }
+            NodeState::Draining | NodeState::Shedding | NodeState::Disconnected => 0,
+        }
+    }
+
+    /// Carries out a drain or ready command for node `node`: this one, or
+    /// (in a cluster) another, through the coordinator. Returns the
+    /// node's state afterwards.
+    ///
+    /// # Errors
+    ///
+    /// [`CommandError`]: no such node, a shutdown drain cannot be ended,
+    /// or the node cannot be reached.
+    pub async fn command(
+        self: &Arc<Self>,
+        node: &str,
+        command: NodeCommand,
+    ) -> Result<NodeState, CommandError> {
+        if node == self.settings.node_id {
+            self.apply(command)
+        } else {
+            self.coordinator.command(node, command).await
+        }
+    }
+
+    /// Carries out a command for this node.
+    pub(crate) fn apply(self: &Arc<Self>, command: NodeCommand) -> Result<NodeState, CommandError> {
+        match command {
+            NodeCommand::Drain => Ok(self.drain(DrainKind::Maintenance)),
+            NodeCommand::Ready => self.undrain().map_err(|_| CommandError::ShuttingDown),
         }
     }
 
@@ -325,6 +412,8 @@ impl Relay {
                 .count() as u64,
             messages_in: totals.messages_in,
             max_channels: self.settings.max_channels,
+            max_connections: self.capacity.max() as u64,
+            weight: self.weight(),
         }
     }
 
@@ -571,7 +660,9 @@ impl Relay {
         token: Option<&str>,
     ) -> Result<Arc<Channel>, ConnectError> {
         match self.state() {
-            NodeState::Ready | NodeState::Overloaded => {}
+            NodeState::Ready | NodeState::Overloaded | NodeState::Shedding => {}
+            // Within the drain delay the balancer may not have noticed yet.
+            NodeState::Draining if !self.evacuation.is_refusing() => {}
             NodeState::Draining => return Err(ConnectError::Draining),
             NodeState::Disconnected => return Err(ConnectError::Unavailable),
         }
@@ -676,25 +767,21 @@ impl Relay {
         self.outlet().offer(channel, client, frame)
     }
 
-    /// Starts draining: readiness fails, new connections are refused and
-    /// every client is asked to close with 1001.
-    pub fn begin_drain(&self) {
-        if self.draining.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let clients: usize = self
-            .registry
-            .list()
-            .iter()
-            .map(|channel| channel.disconnect_all(client::CloseReason::ServerShutdown))
-            .sum();
-        info!(clients, "draining: closing clients with 1001");
-    }
-
-    /// Waits for the connection tasks, leaves the shared state, then stops
-    /// the background tasks, up to `deadline`. Returns whether everything
+    /// Stops, after a shutdown drain: waits until the drain closed every
+    /// client or `deadline` passed (then closes the rest with 1001 and
+    /// gives them `grace` for their closing handshake), leaves the shared
+    /// state, then stops the background tasks. Returns whether everything
     /// finished in time.
-    pub async fn stop(&self, deadline: tokio::time::Instant) -> bool {
+    pub async fn stop(self: &Arc<Self>, deadline: tokio::time::Instant, grace: Duration) -> bool {
+        self.drain(DrainKind::Shutdown);
+        if tokio::time::timeout_at(deadline, self.drained())
+            .await
+            .is_err()
+        {
+            let clients = self.close_remaining();
+            info!(clients, "shutdown timeout: closing the clients left with 1001");
+        }
+        let deadline = deadline.max(tokio::time::Instant::now()) + grace;
         self.connections.close();
         let connections_done = tokio::time::timeout_at(deadline, self.connections.wait())
             .await

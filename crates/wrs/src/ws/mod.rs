@@ -34,7 +34,9 @@ use tracing::debug;
 use crate::relay::admission::Member;
 use crate::relay::channel::Channel;
 use crate::relay::client::{Client, CloseReason, IDLE_QUEUE_SLOTS};
-use crate::relay::{Message, Relay};
+use crate::relay::evacuate::reason_label;
+use crate::relay::overload::TokenBucket;
+use crate::relay::{ClientRatePolicy, Message, Relay};
 use codec::{Decoder, Event, OpCode, ProtocolError, close_code};
 
 /// Buffer reserved for a read when no larger frame is pending.
@@ -42,7 +44,7 @@ const READ_CHUNK: usize = 4096;
 /// Most frames handed to one `writev`.
 const MAX_IOV: usize = 64;
 /// How long the closing handshake may take before the socket is dropped.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs an upgraded connection of an admitted client to completion; the
 /// client leaves when it ends (dropping `member`).
@@ -171,6 +173,13 @@ struct Connection<'a, R, W> {
     client: &'a Client,
     last_heard: Instant,
     ping_sent: Option<Instant>,
+    /// `WRS_CLIENT_RATE`, if set.
+    limiter: Option<TokenBucket>,
+    /// A message over the rate, relayed when the bucket refills; while it
+    /// waits nothing more is read (throttle policy).
+    held: Option<Message>,
+    /// When the held message may go.
+    resume_at: Option<Instant>,
 }
 
 impl<'a, R: Source, W: AsyncWrite + Unpin + Send> Connection<'a, R, W> {
@@ -194,6 +203,12 @@ impl<'a, R: Source, W: AsyncWrite + Unpin + Send> Connection<'a, R, W> {
             client,
             last_heard: Instant::now(),
             ping_sent: None,
+            limiter: relay
+                .settings()
+                .client_rate
+                .map(|(rate, burst)| TokenBucket::new(rate, burst, Instant::now())),
+            held: None,
+            resume_at: None,
         }
     }
 
@@ -201,6 +216,11 @@ impl<'a, R: Source, W: AsyncWrite + Unpin + Send> Connection<'a, R, W> {
         let interval = self.relay.settings().ping_interval;
         let ping = tokio::time::sleep(interval);
         tokio::pin!(ping);
+        let throttle = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(throttle);
+        let mut max_age = self.relay.connection_deadline(Instant::now());
+        let aged = tokio::time::sleep_until(max_age.unwrap_or_else(Instant::now));
+        tokio::pin!(aged);
         // Bytes that arrived with the handshake are decoded first.
         let mut ending = if self.inbox.is_empty() {
             None
@@ -215,6 +235,9 @@ impl<'a, R: Source, W: AsyncWrite + Unpin + Send> Connection<'a, R, W> {
                 break;
             }
             let want = self.decoder.wanted(self.inbox.len(), READ_CHUNK);
+            if let Some(at) = self.resume_at.take() {
+                throttle.as_mut().reset(at);
+            }
             tokio::select! {
                 () = self.client.outbox.notified() => {
                     ending = self.client.outbox.close_reason().map(Ending::Requested);
@@ -226,7 +249,7 @@ impl<'a, R: Source, W: AsyncWrite + Unpin + Send> Connection<'a, R, W> {
                         ending = Some(Ending::Lost("write failed"));
                     }
                 }
-                read = self.reader.read_into(&mut self.inbox, want) => {
+                read = self.reader.read_into(&mut self.inbox, want), if self.held.is_none() => {
                     ending = match read {
                         Ok(0) => Some(Ending::Lost("connection dropped without a close frame")),
                         Ok(_) => {
@@ -236,9 +259,25 @@ impl<'a, R: Source, W: AsyncWrite + Unpin + Send> Connection<'a, R, W> {
                         Err(_) => Some(Ending::Lost("read failed")),
                     };
                 }
+                () = &mut throttle, if self.held.is_some() => {
+                    // The client was heard from: it sent what waited.
+                    self.last_heard = Instant::now();
+                    ending = self
+                        .held
+                        .take()
+                        .and_then(|message| self.admit(message))
+                        .or_else(|| self.process_inbox());
+                }
+                () = &mut aged, if max_age.is_some() => {
+                    max_age = None;
+                    if self.channel.disconnect(self.client.id(), CloseReason::MaxAge) {
+                        self.relay.metrics().client_closed(reason_label(CloseReason::MaxAge));
+                    }
+                }
                 () = &mut ping => {
                     let now = Instant::now();
-                    if self.ping_sent.is_some_and(|sent| self.last_heard < sent) {
+                    // A throttled connection is not read, so its pong may wait.
+                    if self.held.is_none() && self.ping_sent.is_some_and(|sent| self.last_heard < sent) {
                         ending = Some(Ending::Lost("no pong within the ping interval"));
                     } else {
                         self.shrink_if_idle();
@@ -266,20 +305,27 @@ impl<'a, R: Source, W: AsyncWrite + Unpin + Send> Connection<'a, R, W> {
     /// Decodes and handles every complete frame received so far.
     fn process_inbox(&mut self) -> Option<Ending> {
         let ending = loop {
-            match self.decoder.decode(&mut self.inbox) {
+            if self.held.is_some() {
+                break None;
+            }
+            let message = match self.decoder.decode(&mut self.inbox) {
                 Ok(None) => break None,
-                Ok(Some(Event::Text(payload))) => self.relay_message(Message::Text(payload)),
-                Ok(Some(Event::Binary(payload))) => self.relay_message(Message::Binary(payload)),
+                Ok(Some(Event::Text(payload))) => Message::Text(payload),
+                Ok(Some(Event::Binary(payload))) => Message::Binary(payload),
                 Ok(Some(Event::Ping(payload))) => {
                     self.relay.offer(
                         self.channel,
                         self.client,
                         codec::encode(OpCode::Pong, &payload),
                     );
+                    continue;
                 }
-                Ok(Some(Event::Pong)) => {}
+                Ok(Some(Event::Pong)) => continue,
                 Ok(Some(Event::Close(code))) => break Some(Ending::PeerClosed(code)),
                 Err(error) => break Some(Ending::Violation(error)),
+            };
+            if let Some(ending) = self.admit(message) {
+                break Some(ending);
             }
         };
         if self.inbox.is_empty() {
@@ -288,6 +334,33 @@ impl<'a, R: Source, W: AsyncWrite + Unpin + Send> Connection<'a, R, W> {
             self.inbox = BytesMut::new();
         }
         ending
+    }
+
+    /// Relays a message within the client's rate: over it, holds the
+    /// message until the bucket refills (throttle) or ends the connection
+    /// with 1008 (close).
+    fn admit(&mut self, message: Message) -> Option<Ending> {
+        let Some(bucket) = self.limiter.as_mut() else {
+            self.relay_message(message);
+            return None;
+        };
+        let now = Instant::now();
+        if bucket.try_take(now) {
+            self.relay_message(message);
+            return None;
+        }
+        match self.relay.settings().client_rate_policy {
+            ClientRatePolicy::Throttle => {
+                self.resume_at = Some(now + bucket.wait(now));
+                self.held = Some(message);
+                None
+            }
+            ClientRatePolicy::Close => {
+                let reason = CloseReason::RateLimited;
+                self.relay.metrics().client_closed(reason_label(reason));
+                Some(Ending::Requested(reason))
+            }
+        }
     }
 
     fn relay_message(&mut self, message: Message) {
