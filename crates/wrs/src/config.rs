@@ -363,8 +363,10 @@ impl Config {
         config.api_port = 0;
         config.bind_address = IpAddr::from([127, 0, 0, 1]);
         config.node_id = Some("test-node".to_owned());
-        // Tests stop servers often and have no balancer to wait for.
+        // Tests stop servers often and have no balancer to wait for, and
+        // place their clients on cluster nodes on purpose.
         config.drain_delay_ms = 0;
+        config.rebalance = false;
         config
     }
 

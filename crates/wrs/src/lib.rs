@@ -107,7 +107,10 @@ pub async fn start(mut config: Config) -> Result<Server, StartError> {
         Err(source) => {
             // Leave the cluster again before giving up.
             relay
-                .stop(tokio::time::Instant::now(), std::time::Duration::from_secs(2))
+                .stop(
+                    tokio::time::Instant::now(),
+                    std::time::Duration::from_secs(2),
+                )
                 .await;
             return Err(StartError::Bind { address, source });
         }
@@ -126,7 +129,10 @@ pub async fn start(mut config: Config) -> Result<Server, StartError> {
                 Ok(bound) => Some(bound),
                 Err(source) => {
                     relay
-                        .stop(tokio::time::Instant::now(), std::time::Duration::from_secs(2))
+                        .stop(
+                            tokio::time::Instant::now(),
+                            std::time::Duration::from_secs(2),
+                        )
                         .await;
                     return Err(StartError::Bind { address, source });
                 }

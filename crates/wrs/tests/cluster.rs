@@ -643,7 +643,7 @@ async fn a_node_that_stops_drains_its_clients_and_leaves_at_once() {
     let mut on_b = b.connect(&via(&channel)).await;
     a.wait_for_clients(&channel.id, 1).await;
     let stopping = tokio::spawn(b.shutdown());
-    assert_eq!(on_b.expect_close(1001).await, "server shutting down");
+    assert_eq!(on_b.expect_close(1012).await, "draining");
     bounded("shutdown", stopping).await.unwrap();
     // Gone from /cluster and the roster long before any heartbeat expired.
     eventually("node-b to leave", || async {
@@ -740,12 +740,12 @@ async fn a_node_stops_promptly_while_nats_is_away() {
         (a.get("/readyz").await.0 == StatusCode::SERVICE_UNAVAILABLE).then_some(())
     })
     .await;
-    // Nothing to wait for: the client is closed with 1001 and the node does
+    // Nothing to wait for: the client is closed with 1012 and the node does
     // not wait out its 30 s shutdown timeout on a store it cannot reach.
     let stopped = tokio::spawn(async move {
         within(Duration::from_secs(5), "stop without NATS", a.shutdown()).await;
     });
-    assert_eq!(client.expect_close(1001).await, "server shutting down");
+    assert_eq!(client.expect_close(1012).await, "draining");
     // Flushes the reply to the close frame.
     client.close().await;
     stopped.await.unwrap();

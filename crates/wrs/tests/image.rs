@@ -222,10 +222,11 @@ async fn the_image_builds_without_docker_and_runs_from_its_own_rootfs() {
     a.send_text("from the container").await;
     assert_eq!(b.recv_text().await, "from the container");
 
-    // STOPSIGNAL: SIGTERM stops it gracefully.
+    // STOPSIGNAL: SIGTERM stops it gracefully: a drain, after the default
+    // 5 s drain delay.
     let pid = child.id().unwrap().to_string();
     run("kill", &["-TERM", &pid]).await;
-    assert_eq!(b.expect_close(1001).await, "server shutting down");
+    assert_eq!(b.expect_close(1012).await, "draining");
     assert!(bounded("exit", child.wait()).await.unwrap().success());
 }
 

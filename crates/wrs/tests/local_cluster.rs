@@ -8,7 +8,7 @@
 //! - Every pattern of SPEC §3 keeps its exact delivery set with the
 //!   clients of one channel spread over several nodes by least
 //!   connections (one of them over TLS, through nginx's TLS server block).
-//! - A node stopped with SIGTERM closes its clients with 1001; they
+//! - A node stopped with SIGTERM closes its clients with 1012; they
 //!   reconnect through nginx to the others, the channel survives and
 //!   messages flow again. The script reports the node and keeps running.
 //! - The script stops exactly what it started: after SIGTERM every process
@@ -90,6 +90,7 @@ impl Cluster {
             .env("WRS_BINARY", env!("CARGO_BIN_EXE_wrs"))
             .env("WRS_START_TIMEOUT", START.as_secs().to_string())
             .env("WRS_SHUTDOWN_TIMEOUT_MS", "5000")
+            .env("WRS_DRAIN_DELAY_MS", "1000")
             .env("TMPDIR", &tmp)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
@@ -790,12 +791,13 @@ async fn a_stopped_node_moves_its_clients_and_the_channel_survives() {
     assert!(peers.iter().any(|p| p.node != victim));
     let pid = cluster.stop_node(&victim);
 
-    // Its clients are closed with 1001 ("going away"); the others stay
+    // Its clients are closed with 1012 after the drain delay (nginx has
+    // no readiness checks to notice it); the others stay
     // (they take part in the exchange below).
     let (moved, mut peers): (Vec<Peer>, Vec<Peer>) =
         peers.into_iter().partition(|p| p.node == victim);
     for mut peer in moved {
-        peer.ws.expect_close(1001).await;
+        assert_eq!(peer.ws.expect_close(1012).await, "draining");
     }
     // The script reports the node and keeps running.
     let line = cluster

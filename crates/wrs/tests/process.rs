@@ -6,13 +6,11 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::process::{Process, WRS};
 use common::*;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
-
-const WRS: &str = env!("CARGO_BIN_EXE_wrs");
+use tokio::process::Command;
 
 /// Runs `wrs` to completion with `args` and `env`; returns (exit code, stdout, stderr).
 async fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
@@ -31,102 +29,6 @@ async fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
-}
-
-/// A `wrs` process on an ephemeral port with its stdout lines streamed.
-struct Process {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    seen: Vec<String>,
-    addr: std::net::SocketAddr,
-}
-
-impl Process {
-    async fn start(env: &[(&str, &str)]) -> Process {
-        Self::start_command(Command::new(WRS), env).await
-    }
-
-    /// Starts `command` (which runs `wrs` in the end) like [`Process::start`].
-    async fn start_command(mut command: Command, env: &[(&str, &str)]) -> Process {
-        let mut child = command
-            .env("WRS_API_PORT", "0")
-            .env("WRS_BIND_ADDRESS", "127.0.0.1")
-            .env("WRS_LOG_FORMAT", "json")
-            .env_remove("RUST_LOG")
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn wrs");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut process = Process {
-            child,
-            lines,
-            seen: Vec::new(),
-            addr: "127.0.0.1:0".parse().unwrap(),
-        };
-        let listening = process.wait_for_log(|l| l["message"] == "listening").await;
-        process.addr = listening["address"].as_str().unwrap().parse().unwrap();
-        process
-    }
-
-    /// Waits for a JSON log line matching `predicate`.
-    async fn wait_for_log(&mut self, predicate: impl Fn(&Value) -> bool) -> Value {
-        if let Some(found) = self
-            .seen
-            .iter()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|l| predicate(l))
-        {
-            return found;
-        }
-        bounded("log line", async {
-            loop {
-                let line = self
-                    .lines
-                    .recv()
-                    .await
-                    .expect("stdout closed before the line appeared");
-                let value: Value = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
-                assert!(
-                    value["timestamp"].is_string() && value["level"].is_string(),
-                    "{line}"
-                );
-                self.seen.push(line);
-                if predicate(&value) {
-                    return value;
-                }
-            }
-        })
-        .await
-    }
-
-    fn signal(&self, name: &str) {
-        let pid = self.child.id().expect("running").to_string();
-        let status = std::process::Command::new("kill")
-            .args([&format!("-{name}"), &pid])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    async fn exit_code(&mut self) -> i32 {
-        bounded("wrs to exit", self.child.wait())
-            .await
-            .unwrap()
-            .code()
-            .unwrap_or(-1)
-    }
 }
 
 fn server_at(process: &Process) -> TestServerAt {
@@ -328,29 +230,47 @@ async fn startup_failures_exit_non_zero_with_a_reason() {
 }
 
 #[tokio::test]
-async fn sigterm_drains_clients_with_1001_and_exits() {
-    let mut process = Process::start(&[("WRS_SHUTDOWN_TIMEOUT_MS", "8000")]).await;
+async fn sigterm_drains_clients_with_1012_after_the_drain_delay_and_exits() {
+    let mut process = Process::start(&[
+        ("WRS_SHUTDOWN_TIMEOUT_MS", "8000"),
+        ("WRS_DRAIN_DELAY_MS", "1500"),
+    ])
+    .await;
     let http = server_at(&process);
     let (id, token) = http.create("pub-sub").await;
     let url = format!("ws://{}/channels/{id}/connect?token={token}", process.addr);
     let (polite, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
     let mut polite = Ws { stream: polite };
     // A client that never answers the close keeps the drain open for the
-    // closing handshake's bound, so readiness can be watched meanwhile.
+    // closing handshake's bound.
     let request = upgrade_request(&format!("/channels/{id}/connect?token={token}"));
-    let mut silent = raw_request(process.addr, &request).await;
+    let silent = raw_request(process.addr, &request).await;
     assert_eq!(silent.status, 101);
     assert_eq!(http.status("/readyz").await, 200);
 
+    let signalled = tokio::time::Instant::now();
     process.signal("TERM");
-    assert_eq!(polite.expect_close(1001).await, "server shutting down");
-    let (opcode, payload) = read_server_frame(&mut silent.stream)
-        .await
-        .expect("close frame");
-    assert_eq!((opcode, close_code_of(&payload)), (0x8, 1001));
-    // While draining: not ready, and new connections are refused with 503.
-    assert_eq!(http.status("/readyz").await, 503);
+    // Not ready at once, but within the drain delay (the balancer's time to
+    // notice) connections are still taken.
+    eventually("readiness to fail", || async {
+        (http.status("/readyz").await == 503).then_some(())
+    })
+    .await;
     assert_eq!(http.status("/healthz").await, 200);
+    let late = raw_request(process.addr, &request).await;
+    assert_eq!(late.status, 101, "taken within the drain delay");
+    assert!(signalled.elapsed() < Duration::from_millis(1500));
+    // Then every client is closed with 1012, the late one too.
+    assert_eq!(polite.expect_close(1012).await, "draining");
+    assert!(signalled.elapsed() >= Duration::from_millis(1500));
+    for mut client in [silent, late] {
+        let (opcode, payload) = read_server_frame(&mut client.stream)
+            .await
+            .expect("close frame");
+        assert_eq!((opcode, close_code_of(&payload)), (0x8, 1012));
+        assert_eq!(&payload[2..], b"draining");
+    }
+    // After the delay new connections are refused with 503.
     let refused = raw_request(process.addr, &request).await;
     assert_eq!(refused.status, 503);
     assert!(
@@ -375,12 +295,51 @@ async fn sigterm_drains_clients_with_1001_and_exits() {
     process
         .wait_for_log(|l| l["message"] == "SIGTERM received")
         .await;
+    process
+        .wait_for_log(|l| l["message"] == "drained: every client was closed with 1012")
+        .await;
     process.wait_for_log(|l| l["message"] == "stopped").await;
 }
 
 #[tokio::test]
+async fn clients_left_at_the_shutdown_timeout_get_1001() {
+    // One close a second from the start of the drain; the timeout comes
+    // after about three of the six.
+    let mut process = Process::start(&[
+        ("WRS_SHUTDOWN_TIMEOUT_MS", "2500"),
+        ("WRS_DRAIN_DELAY_MS", "0"),
+        ("WRS_DRAIN_RATE", "1"),
+    ])
+    .await;
+    let http = server_at(&process);
+    let (id, token) = http.create("pub-sub").await;
+    let url = format!("ws://{}/channels/{id}/connect?token={token}", process.addr);
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        let (ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        clients.push(Ws { stream: ws });
+    }
+    process.signal("TERM");
+    let mut codes = Vec::new();
+    for client in &mut clients {
+        let (_, close) = client.recv_until_close().await;
+        codes.push(close.expect("a close frame").0);
+    }
+    let paced = codes.iter().filter(|&&c| c == 1012).count();
+    let cut = codes.iter().filter(|&&c| c == 1001).count();
+    assert_eq!(paced + cut, 6, "{codes:?}");
+    // At 1 a second (a little less), at most three fit in 2.5 s.
+    assert!((1..=3).contains(&paced), "{codes:?}");
+    drop(clients);
+    assert_eq!(process.exit_code().await, 0);
+    process
+        .wait_for_log(|l| l["message"] == "shutdown timeout: closing the clients left with 1001")
+        .await;
+}
+
+#[tokio::test]
 async fn sigint_stops_too() {
-    let mut process = Process::start(&[]).await;
+    let mut process = Process::start(&[("WRS_DRAIN_DELAY_MS", "0")]).await;
     let started = std::time::Instant::now();
     process.signal("INT");
     assert_eq!(process.exit_code().await, 0);

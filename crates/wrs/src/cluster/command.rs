@@ -38,9 +38,10 @@ impl NatsCoordinator {
                 let reply: Reply = match serde_json::from_slice::<NodeCommand>(&message.payload) {
                     Ok(command) => {
                         info!(?command, "command from another node");
-                        me.handle().map_or(Err(CommandError::ShuttingDown), |handle| {
-                            handle.command(command)
-                        })
+                        me.handle()
+                            .map_or(Err(CommandError::ShuttingDown), |handle| {
+                                handle.command(command)
+                            })
                     }
                     Err(error) => Err(CommandError::Unavailable(format!(
                         "unreadable command: {error}"

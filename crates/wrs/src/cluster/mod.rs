@@ -36,12 +36,13 @@ use parking_lot::Mutex;
 use crate::config::Secret;
 use crate::metrics::Metrics;
 use crate::relay::Delivered;
+use crate::relay::NodeState;
 use crate::relay::channel::Channel;
 use crate::relay::coordinator::{
-    Claim, ClusterSummary, Coordinator, CoordinatorError, EndReason, Ended, EvictError,
-    ExpiryCheck, Handle, JoinRefusal, Listed, NodeInfo, SharedChannel, Tasks, CommandError, NodeCommand,
+    Claim, ClusterSummary, CommandError, Coordinator, CoordinatorError, EndReason, Ended,
+    EvictError, ExpiryCheck, Handle, JoinRefusal, Listed, NodeCommand, NodeInfo, SharedChannel,
+    Tasks,
 };
-use crate::relay::NodeState;
 use crate::relay::deliver::{Outlet, Prepared};
 use crate::relay::ids::{ChannelId, ClientId};
 use crate::relay::subprotocol::FrameError;

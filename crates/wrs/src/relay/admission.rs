@@ -92,8 +92,9 @@ impl Reservation {
             client,
             _slot: self.slot.take(),
         };
-        // Draining began after the checks: the drain sweep may have missed it.
-        if member.relay.is_draining() {
+        // The drain delay ended after the checks: the drain may have
+        // picked its clients before this one joined.
+        if member.relay.is_refusing() {
             return Err(CloseReason::ServerShutdown);
         }
         if member.channel.spec().welcome {

@@ -66,6 +66,8 @@ pub enum DrainKind {
 #[error("the node is shutting down")]
 pub struct ShuttingDown;
 
+/// Closes are spaced this much wider than `1 s / rate`.
+const PACING_SLACK: f64 = 1.02;
 /// How often a node compares its load with the others'.
 const REBALANCE_CHECK: Duration = Duration::from_secs(1);
 /// Connections younger than this are not shed: a client that was just
@@ -103,7 +105,9 @@ impl Evacuation {
     }
 
     pub(super) fn is_refusing(&self) -> bool {
-        self.refusing.load(Ordering::Acquire)
+        // SeqCst with the store in `run_drain`: a client admitted after
+        // its own check either sees the flag or is seen by the drain's pick.
+        self.refusing.load(Ordering::SeqCst)
     }
 
     pub(super) fn is_shedding(&self) -> bool {
@@ -189,6 +193,11 @@ impl Relay {
         Ok(self.state())
     }
 
+    /// The drain delay is over: new connections are refused.
+    pub(crate) fn is_refusing(&self) -> bool {
+        self.evacuation.is_refusing()
+    }
+
     /// Completes once a drain has closed every client.
     pub async fn drained(&self) {
         let mut drained = self.evacuation.drained.0.subscribe();
@@ -204,7 +213,7 @@ impl Relay {
         {
             return;
         }
-        self.evacuation.refusing.store(true, Ordering::Release);
+        self.evacuation.refusing.store(true, Ordering::SeqCst);
         let closed = self
             .close_paced(
                 settings.rate,
@@ -231,7 +240,10 @@ impl Relay {
         min_age: Duration,
         stop: &CancellationToken,
     ) -> usize {
-        let mut ticker = tokio::time::interval(Duration::from_secs(1) / rate.max(1));
+        // 2 % slower than the rate: however the timer rounds, no second
+        // ever sees more than `rate` closes.
+        let period = (Duration::from_secs(1) / rate.max(1)).mul_f64(PACING_SLACK);
+        let mut ticker = tokio::time::interval(period);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut closed = 0;
         while closed < count {
@@ -329,7 +341,8 @@ impl Relay {
             .map(|channel| channel.disconnect_all(CloseReason::ServerShutdown))
             .sum();
         for _ in 0..clients {
-            self.metrics.client_closed(reason_label(CloseReason::ServerShutdown));
+            self.metrics
+                .client_closed(reason_label(CloseReason::ServerShutdown));
         }
         clients
     }

@@ -43,8 +43,8 @@ use coordinator::{
     Listed, NodeCommand, NodeStatus, SharedChannel, Standalone, Tasks,
 };
 use deliver::{Inbound, Outlet, prepare};
-pub use evacuate::{DrainKind, DrainSettings, RebalanceSettings};
 use evacuate::Evacuation;
+pub use evacuate::{DrainKind, DrainSettings, RebalanceSettings};
 use ids::{ChannelId, ClientId, Token};
 use overload::{Capacity, Refusal};
 use registry::{CreateError, Registry};
@@ -662,7 +662,7 @@ impl Relay {
         match self.state() {
             NodeState::Ready | NodeState::Overloaded | NodeState::Shedding => {}
             // Within the drain delay the balancer may not have noticed yet.
-            NodeState::Draining if !self.evacuation.is_refusing() => {}
+            NodeState::Draining if !self.is_refusing() => {}
             NodeState::Draining => return Err(ConnectError::Draining),
             NodeState::Disconnected => return Err(ConnectError::Unavailable),
         }
@@ -779,7 +779,10 @@ impl Relay {
             .is_err()
         {
             let clients = self.close_remaining();
-            info!(clients, "shutdown timeout: closing the clients left with 1001");
+            info!(
+                clients,
+                "shutdown timeout: closing the clients left with 1001"
+            );
         }
         let deadline = deadline.max(tokio::time::Instant::now()) + grace;
         self.connections.close();

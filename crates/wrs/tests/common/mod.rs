@@ -5,6 +5,7 @@
 #![allow(dead_code)] // Each test binary uses a different subset.
 
 pub mod nats;
+pub mod process;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -112,6 +113,11 @@ impl TestServer {
             addr,
             http: http_client(),
         }
+    }
+
+    /// The in-process server (none for [`TestServer::client_of`]).
+    pub fn server(&self) -> Option<&wrs::Server> {
+        self.server.as_ref()
     }
 
     pub fn url(&self, path: &str) -> String {
