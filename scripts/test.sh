@@ -5,7 +5,8 @@
 # the README's curl commands and browser JavaScript, so this script makes
 # sure curl and a Node.js with the standard WebSocket API are present; the
 # page tests drive a real headless Chromium through chromedriver; the
-# cluster tests start real nats-server processes.
+# cluster tests start real nats-server processes, the balancer tests a
+# real HAProxy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,6 +43,11 @@ if ! have nginx; then
   echo "== installing nginx-light (Debian package) for the cluster recipe test"
   as_root apt-get update -qq
   as_root apt-get install -y -qq nginx-light >/dev/null
+fi
+if ! have haproxy; then
+  echo "== installing haproxy (Debian package) for the balancer tests"
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq haproxy >/dev/null
 fi
 if ! have chromium || ! have chromedriver; then
   echo "== installing chromium and chromium-driver (Debian packages) for the browser tests"

@@ -3,7 +3,7 @@
 //!
 //! - ready, shedding or overloaded: `up ready 73%` — the weight is the
 //!   share of `WRS_MAX_CONNECTIONS` that is free (0 % while shedding, so
-//!   the clients it sheds land elsewhere);
+//!   the clients it sheds land elsewhere, and while overloaded);
 //! - draining: `drain` (HAProxy sends it no new connections);
 //! - unable to reach NATS: `down`.
 //!

@@ -181,7 +181,8 @@ pub struct NodeView {
     /// The node's `WRS_MAX_CONNECTIONS` (0: a node of an earlier version).
     max_connections: u64,
     /// How attractive the node is to a balancer, 0-100: the share of its
-    /// maximum that is free; 0 while it drains, sheds or is disconnected.
+    /// maximum that is free; 0 while it drains, sheds, is overloaded or
+    /// is disconnected.
     /// Its HAProxy agent-check answers this weight.
     weight: u8,
     /// Messages received from this node's clients per second (cluster mode).

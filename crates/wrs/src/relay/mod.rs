@@ -342,16 +342,19 @@ impl Relay {
     }
 
     /// How attractive this node is to a balancer, 0–100: the share of its
-    /// `WRS_MAX_CONNECTIONS` that is free, and 0 while it drains, sheds or
-    /// cannot reach shared state.
+    /// `WRS_MAX_CONNECTIONS` that is free, and 0 while it is not ready or
+    /// sheds.
     pub fn weight(&self) -> u8 {
         match self.state() {
-            NodeState::Ready | NodeState::Overloaded => {
+            NodeState::Ready => {
                 let max = self.capacity.max().max(1);
                 let free = max.saturating_sub(self.capacity.held());
                 (free * 100 / max) as u8
             }
-            NodeState::Draining | NodeState::Shedding | NodeState::Disconnected => 0,
+            NodeState::Overloaded
+            | NodeState::Draining
+            | NodeState::Shedding
+            | NodeState::Disconnected => 0,
         }
     }
 
