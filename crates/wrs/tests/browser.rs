@@ -515,3 +515,39 @@ async fn a_page_on_another_origin_calls_the_api_through_a_preflight() {
     );
     browser.close().await;
 }
+
+#[tokio::test]
+async fn the_dashboard_shows_the_node_its_channels_and_charts() {
+    let server = TestServer::start().await;
+    let channel = server.create_pattern("pub-sub").await;
+    let mut clients = server.connect_n(&channel, 2).await;
+    clients[0].send_text("hello").await;
+    assert_eq!(clients[1].recv_text().await, "hello");
+    let browser = Browser::start().await;
+    browser.goto(&server.url("/dashboard")).await;
+    // Two refreshes: the charts have points to draw.
+    browser.wait_for("body[data-refreshes='2']").await;
+    assert_eq!(
+        browser
+            .text("#nodes tr[data-node='test-node'] .connections")
+            .await,
+        "2"
+    );
+    assert!(
+        browser
+            .text("#nodes tr[data-node='test-node'] .state")
+            .await
+            .contains("ready")
+    );
+    assert!(browser.page_text().await.contains(&channel.id));
+    assert_eq!(
+        browser
+            .find_all("#chart-connections polyline[data-series='test-node']")
+            .await
+            .len(),
+        1
+    );
+    assert!(browser.text("#error").await.is_empty());
+    browser.screenshot("dashboard.png").await;
+    browser.close().await;
+}

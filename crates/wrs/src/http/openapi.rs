@@ -63,6 +63,7 @@ pub fn routes(config: &Config) -> OpenApiRouter<AppState> {
         .routes(routes!(readme::readme))
         .routes(routes!(pages::client))
         .routes(routes!(pages::docs))
+        .routes(routes!(pages::dashboard))
 }
 
 /// The routes under `/channels`; the browser-only ones only when enabled.

@@ -1,6 +1,6 @@
 //! Self-contained pages served by the service itself: the interactive API
 //! docs (`/docs`, driven by `/openapi.json`) and the test client
-//! (`/client`). Plain HTML, CSS and JavaScript compiled into the binary;
+//! (`/client`) and the live dashboard (`/dashboard`). Plain HTML, CSS and JavaScript compiled into the binary;
 //! nothing is fetched from anywhere else.
 
 use axum::http::header;
@@ -28,4 +28,12 @@ pub async fn client() -> impl IntoResponse {
     responses((status = 200, description = "HTML", content_type = "text/html", body = String)))]
 pub async fn docs() -> impl IntoResponse {
     page(include_str!("pages/docs.html"))
+}
+
+/// `GET /dashboard`
+#[utoipa::path(get, path = "/dashboard", tag = "docs", summary = "A live dashboard",
+    description = "Nodes with their connections, state and weight, channels, and charts of connections per node, messages per second and channels, refreshed every second from /cluster, /channels and /service. Self-contained: nothing is fetched from elsewhere.",
+    responses((status = 200, description = "HTML", content_type = "text/html", body = String)))]
+pub async fn dashboard() -> impl IntoResponse {
+    page(include_str!("pages/dashboard.html"))
 }
