@@ -62,7 +62,7 @@ wait_ready() {
 start_node() { # PORT NAME [env...]
   local port=$1 name=$2
   shift 2
-  env WRS_API_PORT="$port" WRS_BIND_ADDRESS=127.0.0.1 WRS_LOG=warn WRS_NODE_ID="$name" "$@" \
+  env WRS_API_PORT="$port" WRS_DRAIN_DELAY_MS=0 WRS_REBALANCE=false WRS_BIND_ADDRESS=127.0.0.1 WRS_LOG=warn WRS_NODE_ID="$name" "$@" \
     taskset -c 0 "$wrs" >>"$rundir/$name.log" 2>&1 &
   pids+=($!)
   names+=("$name")

@@ -144,7 +144,7 @@ wait_port() {
 }
 
 start_wrs() {
-  WRS_API_PORT=$WRS_PORT WRS_BIND_ADDRESS=127.0.0.1 WRS_LOG=warn \
+  WRS_API_PORT=$WRS_PORT WRS_DRAIN_DELAY_MS=0 WRS_BIND_ADDRESS=127.0.0.1 WRS_LOG=warn \
     WRS_MAX_CHANNELS=1000000 \
     taskset -c "$SERVER_CORE" "$@" "$wrs" >>"$rundir/wrs.log" 2>&1 &
   server_pid=$!
@@ -310,7 +310,7 @@ start_cluster() {
   for i in $(seq 0 $((nodes - 1))); do
     port=$((WRS_PORT + i))
     local name=wrs-${letters[$i]}
-    WRS_API_PORT=$port WRS_BIND_ADDRESS=127.0.0.1 WRS_LOG=warn WRS_NODE_ID=$name \
+    WRS_API_PORT=$port WRS_DRAIN_DELAY_MS=0 WRS_REBALANCE=false WRS_BIND_ADDRESS=127.0.0.1 WRS_LOG=warn WRS_NODE_ID=$name \
       WRS_NATS_URL=nats://127.0.0.1:$NATS_PORT \
       taskset -c "$SERVER_CORE" "$wrs" >>"$rundir/$name.log" 2>&1 &
     cluster_pids+=($!)
@@ -361,7 +361,7 @@ for run in $(seq "$cluster_passes"); do
   for entry in "${cluster_cases[@]}"; do
     name=${entry%%|*}
     # One node, standalone: the reference.
-    WRS_API_PORT=$WRS_PORT WRS_BIND_ADDRESS=127.0.0.1 WRS_LOG=warn \
+    WRS_API_PORT=$WRS_PORT WRS_DRAIN_DELAY_MS=0 WRS_BIND_ADDRESS=127.0.0.1 WRS_LOG=warn \
       taskset -c "$SERVER_CORE" "$wrs" >>"$rundir/wrs.log" 2>&1 &
         cluster_pids=($!)
     cluster_names=(wrs-a)

@@ -34,7 +34,7 @@ cleanup() {
 trap cleanup EXIT
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-WRS_API_PORT=0 WRS_BIND_ADDRESS=127.0.0.1 WRS_LOG=info WRS_LOG_FORMAT=human \
+WRS_API_PORT=0 WRS_DRAIN_DELAY_MS=0 WRS_BIND_ADDRESS=127.0.0.1 WRS_LOG=info WRS_LOG_FORMAT=human \
   "$bin/wrs" >"$work/wrs.log" 2>&1 &
 server_pid=$!
 port=
