@@ -61,6 +61,15 @@ pub enum StartError {
     },
 }
 
+/// Binds `address`; returns the listener and the address it got.
+async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let bound = match TcpListener::bind(address).await {
+        Ok(listener) => listener.local_addr().map(|local| (listener, local)),
+        Err(error) => Err(error),
+    };
+    bound.map_err(|source| StartError::Bind { address, source })
+}
+
 /// A running server. Dropping it does not stop it; call
 /// [`Server::shutdown`].
 #[derive(Debug)]
@@ -97,14 +106,20 @@ pub async fn start(mut config: Config) -> Result<Server, StartError> {
         }
     };
     relay.start().await?;
-    let address = SocketAddr::new(config.bind_address, config.api_port);
-    let bound = match TcpListener::bind(address).await {
-        Ok(listener) => listener.local_addr().map(|local| (listener, local)),
+    let api = SocketAddr::new(config.bind_address, config.api_port);
+    let agent = config
+        .agent_port
+        .map(|port| SocketAddr::new(config.bind_address, port));
+    let bound = match bind(api).await {
+        Ok(api) => match agent {
+            None => Ok((api, None)),
+            Some(agent) => bind(agent).await.map(|agent| (api, Some(agent))),
+        },
         Err(error) => Err(error),
     };
-    let (listener, local_addr) = match bound {
+    let ((listener, local_addr), agent) = match bound {
         Ok(bound) => bound,
-        Err(source) => {
+        Err(error) => {
             // Leave the cluster again before giving up.
             relay
                 .stop(
@@ -112,33 +127,11 @@ pub async fn start(mut config: Config) -> Result<Server, StartError> {
                     std::time::Duration::from_secs(2),
                 )
                 .await;
-            return Err(StartError::Bind { address, source });
+            return Err(error);
         }
     };
     // The agent answers until the server has stopped: `drain` while it drains.
     let agent_stop = CancellationToken::new();
-    let agent = match config.agent_port {
-        None => None,
-        Some(port) => {
-            let address = SocketAddr::new(config.bind_address, port);
-            let bound = match TcpListener::bind(address).await {
-                Ok(listener) => listener.local_addr().map(|local| (listener, local)),
-                Err(error) => Err(error),
-            };
-            match bound {
-                Ok(bound) => Some(bound),
-                Err(source) => {
-                    relay
-                        .stop(
-                            tokio::time::Instant::now(),
-                            std::time::Duration::from_secs(2),
-                        )
-                        .await;
-                    return Err(StartError::Bind { address, source });
-                }
-            }
-        }
-    };
     let agent_addr = agent.as_ref().map(|(_, local)| *local);
     if let Some((listener, _)) = agent {
         let (relay, stop) = (Arc::clone(&relay), agent_stop.clone());
