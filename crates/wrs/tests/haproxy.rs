@@ -9,14 +9,18 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::nats::{NatsServer, NodeOptions, free_port, metric};
+use common::process::Process;
 use common::*;
 use futures_util::StreamExt;
 use rand::RngExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 /// A node's fixed ports, so HAProxy can list it before it starts.
@@ -189,9 +193,118 @@ async fn haproxy_weights_follow_the_agent_and_a_draining_node_goes_to_drain() {
     .await;
 }
 
+/// What one reconnecting client saw.
+#[derive(Default)]
+struct Seen {
+    /// Pub-sub: the first sequence number published after its latest
+    /// hello (every later one must reach it).
+    since: u64,
+    /// Pub-sub: the numbers received since the latest hello; push-pull:
+    /// every job received, over all its connections.
+    received: Vec<u64>,
+    moves: u32,
+    /// Anything but a 1012 close, a hello or a numbered message.
+    error: Option<String>,
+}
+
+/// Connects through HAProxy; a refusal (no node has room for a moment)
+/// is retried after a back-off with jitter, as the tutorial's snippet does.
+async fn connect_with_retry(
+    url: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    loop {
+        match tokio_tungstenite::connect_async(url).await {
+            Ok((ws, _)) => return ws,
+            Err(_) => {
+                let backoff = 250 + rand::rng().random_range(0..1000);
+                tokio::time::sleep(Duration::from_millis(backoff)).await;
+            }
+        }
+    }
+}
+
+/// A client of `url` (a channel with a welcome frame) that reconnects
+/// through HAProxy 0-1000 ms after a 1012, as the docs tell users to.
+/// Subscribers pass `published`: at each hello they note which messages
+/// must reach them from then on.
+fn reconnecting(
+    mut ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    url: String,
+    published: Option<Arc<AtomicU64>>,
+) -> (Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let record = seen.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let failure = match ws.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    let mut seen = record.lock().unwrap();
+                    if text.contains(r#""type":"hello""#) {
+                        if let Some(published) = &published {
+                            // The message being sent as this is read may
+                            // have been relayed before the join: the next
+                            // one cannot have been.
+                            seen.since = published.load(Ordering::SeqCst) + 1;
+                            seen.received.clear();
+                        }
+                        continue;
+                    }
+                    match text.get(1..).and_then(|n| n.parse().ok()) {
+                        Some(n) => {
+                            seen.received.push(n);
+                            continue;
+                        }
+                        None => format!("unexpected text {text}"),
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let code = frame.map(|f| u16::from(f.code));
+                    if code == Some(1012) {
+                        record.lock().unwrap().moves += 1;
+                        let jitter = rand::rng().random_range(0..1000);
+                        tokio::time::sleep(Duration::from_millis(jitter)).await;
+                        ws = connect_with_retry(&url).await;
+                        continue;
+                    }
+                    format!("closed with {code:?}")
+                }
+                Some(Ok(_)) => continue,
+                other => format!("connection ended: {other:?}"),
+            };
+            record.lock().unwrap().error = Some(failure);
+            return;
+        }
+    });
+    (seen, task)
+}
+
+/// Sends `prefix` + 0, 1, 2, ... every 20 ms until `stop`, counting in
+/// `sent` after each send; returns how many it sent.
+fn numbered_sender(
+    mut ws: Ws,
+    prefix: &'static str,
+    sent: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut n = 0;
+        while !stop.load(Ordering::SeqCst) {
+            ws.send_text(format!("{prefix}{n}")).await;
+            n += 1;
+            sent.store(n, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        n
+    })
+}
+
 #[tokio::test]
-async fn a_third_node_behind_haproxy_fills_up_as_the_others_shed() {
-    const CLIENTS: usize = 900;
+async fn a_third_node_behind_haproxy_fills_up_as_the_others_shed_losing_nothing() {
+    const SUBSCRIBERS: usize = 1_000;
+    const WORKERS: usize = 200;
+    const CLIENTS: u64 = (SUBSCRIBERS + WORKERS) as u64;
     let nats = NatsServer::start().await;
     let options = NodeOptions::new(nats.url());
     let all = [ports(), ports(), ports()];
@@ -211,70 +324,366 @@ async fn a_third_node_behind_haproxy_fills_up_as_the_others_shed() {
             .then_some(())
     })
     .await;
-    let channel = a.create_pattern("pub-sub").await;
-    let url = haproxy.ws_url(&channel);
-    // Clients that reconnect through HAProxy on 1012, at once with
-    // 0-1000 ms of jitter, as the tutorial's snippet does.
+    let news = a
+        .create(serde_json::json!({"pattern": "pub-sub", "welcome": true}))
+        .await;
+    let jobs = a
+        .create(serde_json::json!({"pattern": "push-pull", "welcome": true}))
+        .await;
+    let published = Arc::new(AtomicU64::new(0));
+    let mut subscribers = Vec::new();
+    let mut workers = Vec::new();
+    let mut tasks = Vec::new();
+    for i in 0..CLIENTS as usize {
+        let (url, published) = if i % 6 == 5 {
+            (haproxy.ws_url(&jobs), None)
+        } else {
+            (haproxy.ws_url(&news), Some(published.clone()))
+        };
+        let (ws, _) = bounded("connect", tokio_tungstenite::connect_async(&url))
+            .await
+            .unwrap();
+        let subscriber = published.is_some();
+        let (seen, task) = reconnecting(ws, url, published);
+        if subscriber {
+            subscribers.push(seen);
+        } else {
+            workers.push(seen);
+        }
+        tasks.push(task);
+    }
+    assert_eq!((subscribers.len(), workers.len()), (SUBSCRIBERS, WORKERS));
+    eventually("every client connected", || async {
+        let (on_a, on_b) = (connections(&a).await, connections(&b).await);
+        (on_a + on_b == CLIENTS).then_some(())
+    })
+    .await;
+
+    // The third node; a publisher and a pusher on it (directly: it only
+    // fills up and never sheds) send throughout the move.
+    let c = start_node(&options, "node-c", &all[2], rebalancing).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = numbered_sender(c.connect(&news).await, "m", published, stop.clone());
+    let pushed = Arc::new(AtomicU64::new(0));
+    let pusher = numbered_sender(c.connect(&jobs).await, "j", pushed, stop.clone());
+    eventually_within(
+        Duration::from_secs(40),
+        "every node within 10 % of 400",
+        || async {
+            let counts = [
+                connections(&a).await,
+                connections(&b).await,
+                // Without the publisher and the pusher.
+                connections(&c).await.saturating_sub(2),
+            ];
+            (counts.iter().sum::<u64>() == CLIENTS
+                && counts.iter().all(|n| (360..=440).contains(n)))
+            .then_some(())
+        },
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let messages = bounded("publisher", publisher).await.unwrap();
+    let jobs_sent = bounded("pusher", pusher).await.unwrap();
+    assert!(messages > 0 && jobs_sent > 0);
+
+    // Everything sent reaches its clients.
+    let last = messages - 1;
+    let settled = within(Duration::from_secs(20), "every delivery", async {
+        loop {
+            let subscribers_done = subscribers.iter().all(|s| {
+                let s = s.lock().unwrap();
+                s.error.is_some() || s.received.last() == Some(&last)
+            });
+            let jobs_received: usize = workers
+                .iter()
+                .map(|w| w.lock().unwrap().received.len())
+                .sum();
+            if subscribers_done && jobs_received as u64 >= jobs_sent {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    // On a timeout the exact checks below say what is missing.
+    let _ = tokio::time::timeout(Duration::from_secs(20), settled).await;
+    for task in tasks {
+        task.abort();
+    }
+    for (i, seen) in subscribers.iter().enumerate() {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.error, None, "subscriber {i}");
+        assert!(
+            seen.received.windows(2).all(|w| w[0] < w[1]),
+            "subscriber {i}: out of order or repeated"
+        );
+        let missing: Vec<u64> = (seen.since..messages)
+            .filter(|n| seen.received.binary_search(n).is_err())
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "subscriber {i} (moved {} times) missed {missing:?}",
+            seen.moves
+        );
+    }
+    let mut received: Vec<u64> = workers
+        .iter()
+        .flat_map(|w| {
+            let w = w.lock().unwrap();
+            assert_eq!(w.error, None);
+            w.received.clone()
+        })
+        .collect();
+    received.sort_unstable();
+    assert_eq!(
+        received,
+        (0..jobs_sent).collect::<Vec<_>>(),
+        "every job exactly once"
+    );
+    let moves: u32 = subscribers
+        .iter()
+        .chain(&workers)
+        .map(|s| s.lock().unwrap().moves)
+        .sum();
+    let shed = metric(&a, "wrs_client_closes_total{reason=\"rebalancing\"}").await
+        + metric(&b, "wrs_client_closes_total{reason=\"rebalancing\"}").await;
+    eprintln!("{messages} messages and {jobs_sent} jobs sent during the move; {shed} clients shed");
+    // Node C's clients all came from the others.
+    assert!(shed >= 358.0, "{shed} shed");
+    assert_eq!(f64::from(moves), shed);
+}
+
+#[tokio::test]
+async fn a_node_stopped_under_traffic_drains_at_its_pace_onto_the_others() {
+    const CLIENTS: usize = 600;
+    const RATE: usize = 200;
+    let nats = NatsServer::start().await;
+    let options = NodeOptions::new(nats.url());
+    let all = [ports(), ports(), ports()];
+    // Node A in its own process, to be stopped with SIGTERM.
+    let (api, agent) = (all[0].api.to_string(), all[0].agent.to_string());
+    let heartbeat = options.heartbeat_ms.to_string();
+    let rate = RATE.to_string();
+    let mut process = Process::start(&[
+        ("WRS_API_PORT", &api),
+        ("WRS_AGENT_PORT", &agent),
+        ("WRS_NATS_URL", &options.urls),
+        ("WRS_CLUSTER", &options.prefix),
+        ("WRS_NODE_ID", "node-a"),
+        ("WRS_CLUSTER_HEARTBEAT_MS", &heartbeat),
+        ("WRS_REBALANCE", "false"),
+        ("WRS_DRAIN_DELAY_MS", "1500"),
+        ("WRS_DRAIN_RATE", &rate),
+        ("WRS_SHUTDOWN_TIMEOUT_MS", "20000"),
+    ])
+    .await;
+    let a = TestServer::client_of(process.addr);
+    let haproxy = Haproxy::start(&all).await;
+    eventually("node A alone up in haproxy", || async {
+        let servers = haproxy.servers().await;
+        (servers.get("wrs-1")?.0 == "UP"
+            && servers.get("wrs-2")?.0 == "DOWN"
+            && servers.get("wrs-3")?.0 == "DOWN")
+            .then_some(())
+    })
+    .await;
+    let news = a
+        .create(serde_json::json!({"pattern": "pub-sub", "welcome": true}))
+        .await;
+    let published = Arc::new(AtomicU64::new(0));
+    let url = haproxy.ws_url(&news);
+    let mut subscribers = Vec::new();
     let mut tasks = Vec::new();
     for _ in 0..CLIENTS {
         let (ws, _) = bounded("connect", tokio_tungstenite::connect_async(&url))
             .await
             .unwrap();
-        let url = url.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut ws = ws;
-            let mut moves = 0u32;
-            loop {
-                match ws.next().await {
-                    Some(Ok(Message::Close(frame))) => {
-                        let code = frame.map(|f| u16::from(f.code));
-                        assert_eq!(code, Some(1012));
-                        moves += 1;
-                        let jitter = rand::rng().random_range(0..1000);
-                        tokio::time::sleep(Duration::from_millis(jitter)).await;
-                        // A refusal (no node has room for a moment)
-                        // is retried after a back-off, as the snippet does.
-                        ws = loop {
-                            match tokio_tungstenite::connect_async(&url).await {
-                                Ok((ws, _)) => break ws,
-                                Err(_) => {
-                                    let backoff = 250 + rand::rng().random_range(0..1000);
-                                    tokio::time::sleep(Duration::from_millis(backoff)).await;
-                                }
-                            }
-                        };
-                    }
-                    Some(Ok(_)) => {}
-                    _ => return moves,
-                }
-            }
-        }));
+        let (seen, task) = drained_subscriber(ws, url.clone(), published.clone());
+        subscribers.push(seen);
+        tasks.push(task);
     }
-    eventually("every client connected", || async {
-        let (on_a, on_b) = (connections(&a).await, connections(&b).await);
-        (on_a + on_b == CLIENTS as u64).then_some(())
+    eventually("every client on node A", || async {
+        (connections(&a).await == CLIENTS as u64).then_some(())
     })
     .await;
-    let c = start_node(&options, "node-c", &all[2], rebalancing).await;
+    let b = start_node(&options, "node-b", &all[1], |_| {}).await;
+    let c = start_node(&options, "node-c", &all[2], |_| {}).await;
+    eventually("nodes B and C up in haproxy", || async {
+        let servers = haproxy.servers().await;
+        (servers.get("wrs-2")?.0 == "UP" && servers.get("wrs-3")?.0 == "UP").then_some(())
+    })
+    .await;
+    // Traffic from node B throughout.
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = numbered_sender(b.connect(&news).await, "m", published.clone(), stop.clone());
+    eventually("traffic flowing", || async {
+        (published.load(Ordering::SeqCst) >= 10).then_some(())
+    })
+    .await;
+
+    let signalled = Instant::now();
+    let before_signal = published.load(Ordering::SeqCst);
+    process.signal("TERM");
+    let not_ready_after = bounded("readiness to fail", async {
+        loop {
+            if a.get("/readyz").await.0 == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+                return signalled.elapsed();
+            }
+        }
+    })
+    .await;
+    assert!(
+        not_ready_after <= Duration::from_millis(100),
+        "{not_ready_after:?}"
+    );
+    eventually("node A in DRAIN in haproxy", || async {
+        (haproxy.servers().await.get("wrs-1")?.0 == "DRAIN (agent)").then_some(())
+    })
+    .await;
+    assert_eq!(
+        within(
+            Duration::from_secs(30),
+            "node A to exit",
+            process.exit_code()
+        )
+        .await,
+        0
+    );
     eventually_within(
-        Duration::from_secs(40),
-        "every node within 10 % of 300",
+        Duration::from_secs(20),
+        "every client on nodes B and C",
         || async {
-            let counts = [
-                connections(&a).await,
-                connections(&b).await,
-                connections(&c).await,
-            ];
-            (counts.iter().sum::<u64>() == CLIENTS as u64
-                && counts.iter().all(|n| (270..=330).contains(n)))
-            .then_some(())
+            // Node B also holds the publisher.
+            (connections(&b).await + connections(&c).await == CLIENTS as u64 + 1).then_some(())
         },
     )
     .await;
-    let shed = metric(&a, "wrs_client_closes_total{reason=\"rebalancing\"}").await
-        + metric(&b, "wrs_client_closes_total{reason=\"rebalancing\"}").await;
-    assert!(shed >= 240.0, "{shed} shed");
+    stop.store(true, Ordering::SeqCst);
+    let messages = bounded("publisher", publisher).await.unwrap();
+    let last = messages - 1;
+    let _ = tokio::time::timeout(Duration::from_secs(20), async {
+        while !subscribers.iter().all(|s| {
+            let s = s.lock().unwrap();
+            s.seen.error.is_some() || s.seen.received.last() == Some(&last)
+        }) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
     for task in tasks {
         task.abort();
     }
+    let mut closed_at = Vec::new();
+    for (i, subscriber) in subscribers.iter().enumerate() {
+        let s = subscriber.lock().unwrap();
+        assert_eq!(s.seen.error, None, "subscriber {i}");
+        let (at, before_close) = s.closed.as_ref().expect("closed by node A");
+        closed_at.push(*at);
+        assert!(
+            *at >= signalled + Duration::from_millis(1500),
+            "before the drain delay"
+        );
+        // Everything relayed to it before its close frame, gapless: at
+        // least what was published before the signal.
+        assert_eq!(
+            *before_close,
+            (0..before_close.len() as u64).collect::<Vec<_>>(),
+            "subscriber {i} before its close"
+        );
+        assert!(before_close.len() as u64 >= before_signal, "subscriber {i}");
+        // And on its new node everything published since its hello.
+        let missing: Vec<u64> = (s.seen.since..messages)
+            .filter(|n| s.seen.received.binary_search(n).is_err())
+            .collect();
+        assert!(missing.is_empty(), "subscriber {i} missed {missing:?}");
+        assert_eq!(s.seen.moves, 1, "subscriber {i}");
+    }
+    // Paced: no second holds more than the rate.
+    closed_at.sort();
+    let busiest = closed_at
+        .iter()
+        .enumerate()
+        .map(|(i, start)| {
+            closed_at[i..]
+                .iter()
+                .take_while(|at| at.duration_since(*start) < Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap();
+    let span = closed_at[CLIENTS - 1].duration_since(closed_at[0]);
+    eprintln!(
+        "not ready {not_ready_after:?} after SIGTERM; {CLIENTS} closes over {span:?}, at most {busiest} in a second; {messages} messages"
+    );
+    assert!(busiest <= RATE, "{busiest} closes within one second");
+    assert!(
+        span >= Duration::from_secs_f64((CLIENTS - RATE) as f64 / RATE as f64),
+        "{span:?}"
+    );
+}
+
+/// A subscriber of a node about to be stopped: what it saw before its
+/// close frame (when that came) and after it reconnected.
+#[derive(Default)]
+struct Drained {
+    closed: Option<(Instant, Vec<u64>)>,
+    seen: Seen,
+}
+
+fn drained_subscriber(
+    mut ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    url: String,
+    published: Arc<AtomicU64>,
+) -> (Arc<Mutex<Drained>>, tokio::task::JoinHandle<()>) {
+    let state = Arc::new(Mutex::new(Drained::default()));
+    let record = state.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let failure = match ws.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    let mut state = record.lock().unwrap();
+                    if text.contains(r#""type":"hello""#) {
+                        state.seen.since = published.load(Ordering::SeqCst) + 1;
+                        state.seen.received.clear();
+                        continue;
+                    }
+                    match text.strip_prefix('m').and_then(|n| n.parse().ok()) {
+                        Some(n) => {
+                            state.seen.received.push(n);
+                            continue;
+                        }
+                        None => format!("unexpected text {text}"),
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let close = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+                    let first_drain = {
+                        let mut state = record.lock().unwrap();
+                        let first =
+                            close == Some((1012, "draining".to_owned())) && state.closed.is_none();
+                        if first {
+                            let received = std::mem::take(&mut state.seen.received);
+                            state.closed = Some((Instant::now(), received));
+                            state.seen.moves += 1;
+                        }
+                        first
+                    };
+                    if first_drain {
+                        let jitter = rand::rng().random_range(0..1000);
+                        tokio::time::sleep(Duration::from_millis(jitter)).await;
+                        ws = connect_with_retry(&url).await;
+                        continue;
+                    }
+                    format!("closed with {close:?}")
+                }
+                Some(Ok(_)) => continue,
+                other => format!("connection ended: {other:?}"),
+            };
+            record.lock().unwrap().seen.error = Some(failure);
+            return;
+        }
+    });
+    (state, task)
 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::nats::metric;
 use common::*;
@@ -201,4 +201,153 @@ async fn connects_faster_than_the_connect_rate_are_refused() {
         .await,
         2.0
     );
+}
+
+/// `FLOODERS` concurrent connect loops (every other one a browser) until
+/// `stop`: the connections admitted and the number refused.
+async fn flood(
+    addr: std::net::SocketAddr,
+    request: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (Vec<RawWs>, u64) {
+    const FLOODERS: usize = 4;
+    let flooders = (0..FLOODERS).map(|i| {
+        let request = if i % 2 == 0 {
+            request.clone()
+        } else {
+            from_browser(&request)
+        };
+        let (stop, flooder) = (stop.clone(), TestServer::client_of(addr));
+        async move {
+            let (mut admitted, mut refused) = (Vec::new(), 0u64);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match attempt(&flooder, &request).await {
+                    Attempt::Admitted(raw) => admitted.push(raw),
+                    Attempt::Refused(raw) => {
+                        assert_eq!(raw.status, 503, "{}", raw.head);
+                        assert_eq!(retry_after(&raw).as_deref(), Some("1"));
+                        refused += 1;
+                    }
+                    Attempt::Closed(code, reason) => {
+                        assert_eq!(code, 1013);
+                        assert!(
+                            ["overloaded", "connect_rate_exceeded"].contains(&reason.as_str()),
+                            "{reason}"
+                        );
+                        refused += 1;
+                    }
+                }
+            }
+            (admitted, refused)
+        }
+    });
+    let mut total = (Vec::new(), 0);
+    for (admitted, refused) in futures_util::future::join_all(flooders).await {
+        total.0.extend(admitted);
+        total.1 += refused;
+    }
+    total
+}
+
+/// The `q`-quantile of `samples` (sorted in place).
+fn quantile(samples: &mut [Duration], q: f64) -> Duration {
+    samples.sort_unstable();
+    samples[((samples.len() - 1) as f64 * q).round() as usize]
+}
+
+/// Round trips of `clients` (of an echo channel) for `period`, each client
+/// in turn; every echo must come back unchanged.
+async fn round_trips(clients: &mut [Ws], period: Duration) -> Vec<Duration> {
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    let mut n = 0u64;
+    while started.elapsed() < period {
+        for client in clients.iter_mut() {
+            let text = format!("ping {n}");
+            let sent = Instant::now();
+            client.send_text(text.clone()).await;
+            assert_eq!(client.recv_text().await, text);
+            samples.push(sent.elapsed());
+            n += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    samples
+}
+
+#[tokio::test]
+async fn a_connect_flood_is_refused_while_connected_clients_keep_their_latency() {
+    const CONNECTED: usize = 10;
+    let process = common::process::Process::start(&[
+        ("WRS_MAX_CONNECTIONS", "40"),
+        ("WRS_CONNECT_RATE", "50"),
+        ("WRS_CONNECT_BURST", "20"),
+    ])
+    .await;
+    let server = TestServer::client_of(process.addr);
+    let channel = server
+        .create(serde_json::json!({"pattern": "echo", "welcome": true}))
+        .await;
+    let request = upgrade_request(&format!(
+        "/channels/{}/connect?token={}",
+        channel.id, channel.token
+    ));
+    let mut clients = server.connect_n(&channel, CONNECTED).await;
+    for client in &mut clients {
+        assert!(client.recv_text().await.contains(r#""type":"hello""#));
+    }
+    // The bucket refills before the flood.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut before = round_trips(&mut clients, Duration::from_secs(2)).await;
+
+    // The flood runs on its own thread and runtime, so the round trips
+    // measure the node, not the flooders' turns on this test's runtime.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let (stop, addr, request) = (stop.clone(), process.addr, request.clone());
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(flood(addr, request, stop))
+        })
+    };
+    let mut during = round_trips(&mut clients, Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (admitted, refused) = flood.join().unwrap();
+    // Up to the maximum, the rest refused, by both rules, and counted.
+    assert_eq!(admitted.len(), 40 - CONNECTED);
+    assert!(refused > 1_000, "{refused} refusals: not a flood");
+    let overloaded = metric(
+        &server,
+        r#"wrs_connect_rejections_total{reason="overloaded"}"#,
+    )
+    .await;
+    let too_fast = metric(
+        &server,
+        r#"wrs_connect_rejections_total{reason="connect_rate_exceeded"}"#,
+    )
+    .await;
+    assert!(
+        overloaded > 0.0 && too_fast > 0.0,
+        "{overloaded} {too_fast}"
+    );
+    assert_eq!(overloaded + too_fast, refused as f64);
+    assert_eq!(server.client_count(&channel.id).await, Some(40));
+    // The connected clients noticed nothing: every echo came back, and
+    // their latency stayed where it was (compared within this run: the
+    // flood shares the machine's two cores with the node).
+    let (p50_before, p99_before) = (quantile(&mut before, 0.5), quantile(&mut before, 0.99));
+    let (p50_during, p99_during) = (quantile(&mut during, 0.5), quantile(&mut during, 0.99));
+    eprintln!(
+        "round trips before: p50 {p50_before:?} p99 {p99_before:?} ({} samples); during the flood ({refused} refusals): p50 {p50_during:?} p99 {p99_during:?} ({} samples)",
+        before.len(),
+        during.len()
+    );
+    assert!(
+        p99_during <= p99_before * 5 + Duration::from_millis(10),
+        "p99 {p99_before:?} before, {p99_during:?} during the flood"
+    );
+    drop(admitted);
 }
