@@ -76,7 +76,7 @@ pub struct Config {
           value_parser = clap::value_parser!(u8).range(2..=16))]
     pub id_length: u8,
 
-    /// Largest message a client may send, in bytes; bigger ones close the client with 1008 (1 B - 64 MiB).
+    /// Largest message a client may send, in bytes; bigger ones close the client with 1009 (1 B - 64 MiB).
     #[arg(long, env = "WRS_MAX_MESSAGE_BYTES", default_value_t = 1_048_576,
           value_parser = clap::value_parser!(u32).range(1..=64 * 1024 * 1024))]
     pub max_message_bytes: u32,

@@ -133,12 +133,12 @@ async fn the_drop_policy_keeps_a_slow_consumer_connected() {
 }
 
 #[tokio::test]
-async fn an_oversized_message_closes_only_its_sender_with_1008() {
+async fn an_oversized_message_closes_only_its_sender_with_1009() {
     let server = TestServer::with(|c| c.max_message_bytes = 1024).await;
     let channel = server.create_pattern("pub-sub").await;
     let mut c = server.connect_n(&channel, 3).await;
     c[0].send_text("y".repeat(1025)).await;
-    let reason = c[0].expect_close(1008).await;
+    let reason = c[0].expect_close(1009).await;
     assert!(reason.contains("too large"), "{reason}");
     server.wait_for_clients(&channel.id, 2).await;
     // The others neither saw it nor noticed: their next frame is this.
@@ -163,7 +163,7 @@ async fn a_huge_frame_is_refused_from_its_header_and_never_buffered() {
         .await
         .expect("close frame");
     assert_eq!(opcode, 0x8);
-    assert_eq!(close_code_of(&payload), 1008);
+    assert_eq!(close_code_of(&payload), 1009);
     // The server sent FIN after its close frame.
     let mut rest = Vec::new();
     bounded("EOF", raw.stream.read_to_end(&mut rest)).await.ok();

@@ -123,7 +123,7 @@ async fn counters_move_by_exactly_the_workload() {
     .await;
     let mut big = server.connect(&pubsub).await;
     big.send_text("x".repeat(1001)).await;
-    big.expect_close(1008).await;
+    big.expect_close(1009).await;
     lookups.wait_for_clients(&server, &pubsub.id, 3).await;
     // The timed channel ends.
     eventually("timeout", || async {

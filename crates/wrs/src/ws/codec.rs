@@ -45,6 +45,7 @@ pub mod close_code {
     pub const PROTOCOL_ERROR: u16 = 1002;
     pub const INVALID_PAYLOAD: u16 = 1007;
     pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
     pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
@@ -75,7 +76,7 @@ pub enum ProtocolError {
 impl ProtocolError {
     pub fn close_code(&self) -> u16 {
         match self {
-            ProtocolError::TooLarge { .. } => close_code::POLICY,
+            ProtocolError::TooLarge { .. } => close_code::TOO_BIG,
             ProtocolError::InvalidUtf8 => close_code::INVALID_PAYLOAD,
             ProtocolError::Violation(_) => close_code::PROTOCOL_ERROR,
         }
@@ -428,7 +429,7 @@ pub(crate) mod tests {
                 max: 100
             }
         );
-        assert_eq!(err.close_code(), 1008);
+        assert_eq!(err.close_code(), 1009);
         // The rest of the oversized payload is skipped; the close frame after
         // it is still understood.
         buf.extend_from_slice(&stream[8..]);
