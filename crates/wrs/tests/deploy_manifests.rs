@@ -1,6 +1,7 @@
 //! The deployment files, checked offline: `deploy/k8s` (a kustomize base),
 //! `deploy/compose.yaml` and the nginx configuration it mounts
-//! (`deploy/nginx/compose.conf`).
+//! (`deploy/nginx/compose.conf`), and its HAProxy variant
+//! (`deploy/compose.haproxy.yaml` over it, with `deploy/haproxy/wrs.cfg`).
 //!
 //! - Every Kubernetes manifest validates with `kubernetes-validate --strict`
 //!   against Kubernetes 1.30 (schemas ship with the tool: no network), and
@@ -17,6 +18,12 @@
 //!   topology runs as local processes behind nginx with `compose.conf`
 //!   (which passes `nginx -t` once the Compose host names and certificate
 //!   paths are replaced by local ones), over plain HTTP and over TLS.
+//! - The HAProxy variant fits: merged as Compose merges the two files, nginx
+//!   no longer starts, every variable `wrs.cfg` expands is set, its servers
+//!   are the three WRS services at their API ports with their
+//!   `WRS_AGENT_PORT`s, the file mounted is `wrs.cfg`, its stats socket is
+//!   writable, and `haproxy -c` passes with those values (host names as
+//!   127.0.0.1); broken variants are rejected, each problem named.
 //!
 //! YAML is read by PyYAML (a dependency of kubernetes-validate), as JSON.
 
@@ -1629,6 +1636,518 @@ fn compose_file_fits_the_binary_and_nginx() {
         status.success(),
         "`wrs healthcheck` (the Compose health check) is not a command of the binary"
     );
+}
+
+// ---------------------------------------------------------------------------
+// Compose with HAProxy: deploy/compose.haproxy.yaml over compose.yaml
+
+fn compose_haproxy_path() -> PathBuf {
+    repo().join("deploy/compose.haproxy.yaml")
+}
+
+/// The sequences Compose merges by appending the override's entries that
+/// the base lacks; `volumes` entries replace the base's of the same target.
+/// Every other sequence, and every scalar, is replaced; mappings merge key
+/// by key.
+const APPENDED: [&str; 5] = ["ports", "expose", "tmpfs", "dns", "profiles"];
+
+/// Compose's merge of an override file into the base (`-f base -f over`),
+/// as far as these files need it.
+fn compose_merge(base: &mut Value, over: &Value) {
+    match (base, over) {
+        (Value::Object(base), Value::Object(over)) => {
+            for (key, value) in over {
+                match (base.get_mut(key), value) {
+                    (Some(Value::Array(existing)), Value::Array(more))
+                        if APPENDED.contains(&key.as_str()) =>
+                    {
+                        for item in more {
+                            if !existing.contains(item) {
+                                existing.push(item.clone());
+                            }
+                        }
+                    }
+                    (Some(Value::Array(existing)), Value::Array(more)) if key == "volumes" => {
+                        let targets: BTreeSet<String> = mounts(&json!({ "volumes": more }))
+                            .into_iter()
+                            .map(|(_, target)| target)
+                            .collect();
+                        existing.retain(|v| {
+                            mounts(&json!({ "volumes": [v] }))
+                                .iter()
+                                .all(|(_, target)| !targets.contains(target))
+                        });
+                        existing.extend(more.iter().cloned());
+                    }
+                    (Some(existing), _) => compose_merge(existing, value),
+                    (None, _) => {
+                        base.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        (base, over) => *base = over.clone(),
+    }
+}
+
+/// `deploy/compose.yaml` with `deploy/compose.haproxy.yaml` over it, as
+/// `docker compose -f deploy/compose.yaml -f deploy/compose.haproxy.yaml`
+/// reads them (relative paths of both from `deploy/`).
+fn compose_with_haproxy() -> Value {
+    let mut base = yaml_documents(&compose_path());
+    let mut over = yaml_documents(&compose_haproxy_path());
+    assert_eq!(
+        (base.len(), over.len()),
+        (1, 1),
+        "one document in each Compose file"
+    );
+    let mut doc = base.remove(0);
+    compose_merge(&mut doc, &over.remove(0));
+    doc
+}
+
+/// What `deploy/haproxy/wrs.cfg` says, line by line.
+struct HaproxyCfg {
+    /// Every `${NAME}` it expands.
+    variables: BTreeSet<String>,
+    /// The backend's servers: (name, address variable, agent-port variable).
+    servers: Vec<(String, String, String)>,
+    /// The variables of the stats socket's path and of the bind address.
+    stats: String,
+    bind: String,
+    /// The global maxconn.
+    maxconn: u64,
+}
+
+impl HaproxyCfg {
+    fn path() -> PathBuf {
+        repo().join("deploy/haproxy/wrs.cfg")
+    }
+
+    fn read() -> HaproxyCfg {
+        let text = std::fs::read_to_string(Self::path()).expect("deploy/haproxy/wrs.cfg");
+        let variable = |word: &str| {
+            word.trim_matches('"')
+                .strip_prefix("${")
+                .and_then(|w| w.strip_suffix('}'))
+                .map(str::to_owned)
+        };
+        let mut cfg = HaproxyCfg {
+            variables: BTreeSet::new(),
+            servers: Vec::new(),
+            stats: String::new(),
+            bind: String::new(),
+            maxconn: 0,
+        };
+        for line in text.lines().map(|l| l.split('#').next().unwrap().trim()) {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            cfg.variables
+                .extend(words.iter().filter_map(|w| variable(w)));
+            match words.as_slice() {
+                ["stats", "socket", path, ..] => cfg.stats = variable(path).unwrap_or_default(),
+                ["bind", address, ..] => cfg.bind = variable(address).unwrap_or_default(),
+                ["maxconn", n] if cfg.maxconn == 0 => cfg.maxconn = number(n, "maxconn"),
+                ["server", name, address, rest @ ..] => {
+                    let agent = rest
+                        .iter()
+                        .position(|w| *w == "agent-port")
+                        .and_then(|i| rest.get(i + 1))
+                        .and_then(|w| variable(w))
+                        .unwrap_or_default();
+                    cfg.servers.push((
+                        (*name).to_owned(),
+                        variable(address).unwrap_or_default(),
+                        agent,
+                    ));
+                }
+                _ => {}
+            }
+        }
+        assert!(
+            cfg.servers.len() == 3
+                && cfg
+                    .servers
+                    .iter()
+                    .all(|(_, a, b)| !a.is_empty() && !b.is_empty())
+                && !cfg.stats.is_empty()
+                && !cfg.bind.is_empty()
+                && cfg.maxconn > 0,
+            "could not read servers, stats socket, bind and maxconn from wrs.cfg"
+        );
+        cfg
+    }
+}
+
+/// The image's configuration path when the command does not name one.
+const HAPROXY_IMAGE_CONFIG: &str = "/usr/local/etc/haproxy/haproxy.cfg";
+
+/// Everything wrong with a merged Compose document for HAProxy in front of
+/// the WRS services with `wrs.cfg`; empty when it fits. Ends with
+/// `haproxy -c` on the mounted configuration with the service's
+/// environment, host names replaced by 127.0.0.1.
+fn haproxy_compose_problems(
+    doc: &Value,
+    help: &BTreeMap<String, Option<String>>,
+    cfg: &HaproxyCfg,
+) -> Vec<String> {
+    let mut p = Problems::default();
+    let services = doc["services"].as_object().cloned().unwrap_or_default();
+    // What `up` starts: services without a profile.
+    let active: BTreeMap<&String, &Value> = services
+        .iter()
+        .filter(|(_, s)| s["profiles"].as_array().is_none_or(|a| a.is_empty()))
+        .collect();
+    let by_image = |wanted: &str| -> Vec<(&String, &Value)> {
+        active
+            .iter()
+            .filter(|(_, s)| s["image"].as_str().is_some_and(|i| image_name(i) == wanted))
+            .map(|(k, v)| (*k, *v))
+            .collect()
+    };
+    let nginx: Vec<&String> = by_image("nginx").into_iter().map(|(k, _)| k).collect();
+    p.check(nginx.is_empty(), || {
+        format!("nginx starts too ({nginx:?}): give it a profile")
+    });
+    let haproxy = by_image("haproxy");
+    if haproxy.len() != 1 {
+        p.0.push(format!(
+            "{} haproxy services start, expected 1",
+            haproxy.len()
+        ));
+        return p.0;
+    }
+    let haproxy = haproxy[0].1;
+    let wrs: BTreeMap<&String, &Value> = by_image("wrs").into_iter().collect();
+    p.check(wrs.len() == 3, || {
+        format!("{} WRS services start, expected 3", wrs.len())
+    });
+    let env_of = |name: &str, service: &Value, p: &mut Problems| {
+        if !service["environment"].is_object() {
+            p.0.push(format!("{name}: environment is not a mapping"));
+        }
+        service_env(service).unwrap_or_else(|e| {
+            p.0.push(format!("{name}: {e}"));
+            BTreeMap::new()
+        })
+    };
+    let lb_env = env_of("haproxy", haproxy, &mut p);
+
+    // Everything wrs.cfg expands is set.
+    for var in &cfg.variables {
+        p.check(lb_env.get(var).is_some_and(|v| !v.is_empty()), || {
+            format!("haproxy: {var} is not set, but wrs.cfg expands it")
+        });
+    }
+
+    // The bind address's port is published; the nodes' links name it.
+    let bind = lb_env.get(&cfg.bind).cloned().unwrap_or_default();
+    let bind_port = bind.rsplit_once(':').map(|(_, port)| port.to_owned());
+    let published: Vec<String> = haproxy["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| p.as_str().map_or_else(|| p.to_string(), str::to_owned))
+        .collect();
+    let host_port = published.iter().find_map(|m| {
+        let (host, container) = m.rsplit_once(':')?;
+        (Some(container) == bind_port.as_deref())
+            .then(|| host.rsplit(':').next().unwrap().to_owned())
+    });
+    p.check(host_port.is_some(), || {
+        format!("haproxy binds {bind:?} but publishes {published:?}")
+    });
+
+    // The nodes: every variable known to the binary, an agent port, links
+    // to HAProxy's plain port.
+    let mut nodes: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    for (name, service) in &wrs {
+        let env = env_of(name, service, &mut p);
+        for var in env.keys() {
+            p.check(help.contains_key(var), || {
+                format!("{name}: sets {var}, which wrs --help does not list")
+            });
+        }
+        p.check(env.contains_key("WRS_AGENT_PORT"), || {
+            format!("{name} has no WRS_AGENT_PORT: HAProxy's agent-check gets no answer")
+        });
+        p.check(
+            env.get("WRS_PUBLIC_SSL").map(String::as_str) == Some("false"),
+            || format!("{name}: WRS_PUBLIC_SSL is not false, but wrs.cfg serves plain HTTP only"),
+        );
+        p.check(env.get("WRS_PUBLIC_API_PORT") == host_port.as_ref(), || {
+            format!(
+                "{name}: WRS_PUBLIC_API_PORT {:?} is not HAProxy's published port {host_port:?}",
+                env.get("WRS_PUBLIC_API_PORT")
+            )
+        });
+        nodes.insert((*name).clone(), env);
+    }
+
+    // Each server of wrs.cfg is one WRS service, at its API port, with its
+    // agent port.
+    let mut listed = BTreeSet::new();
+    for (server, address_var, agent_var) in &cfg.servers {
+        let address = lb_env.get(address_var).cloned().unwrap_or_default();
+        let Some((host, port)) = address.rsplit_once(':') else {
+            p.0.push(format!(
+                "{address_var} {address:?} is not HOST:PORT (server {server})"
+            ));
+            continue;
+        };
+        let Some(env) = nodes.get(host) else {
+            p.0.push(format!("{address_var} {address:?}: no WRS service {host}"));
+            continue;
+        };
+        p.check(listed.insert(host.to_owned()), || {
+            format!("{host} is listed twice in wrs.cfg's servers")
+        });
+        let api = setting(env, help, "WRS_API_PORT");
+        p.check(port == api, || {
+            format!("{address_var} {address:?}: {host}'s WRS_API_PORT is {api}")
+        });
+        let agent = lb_env.get(agent_var).cloned().unwrap_or_default();
+        let node_agent = env.get("WRS_AGENT_PORT").cloned().unwrap_or_default();
+        p.check(agent == node_agent, || {
+            format!("{agent_var} is {agent:?} but {host}'s WRS_AGENT_PORT is {node_agent:?}")
+        });
+        let exposed = wrs[&host.to_owned()]["expose"].to_string();
+        p.check(exposed.contains(&format!("\"{node_agent}\"")), || {
+            format!("{host} does not expose its agent port {node_agent} ({exposed})")
+        });
+        p.check(
+            env.get("WRS_NODE_ID").map(String::as_str) == Some(server.as_str()),
+            || {
+                format!(
+                    "wrs.cfg's server {server} is {host}, whose WRS_NODE_ID is {:?}",
+                    env.get("WRS_NODE_ID")
+                )
+            },
+        );
+    }
+    for name in nodes.keys() {
+        p.check(listed.contains(name), || {
+            format!("no server of wrs.cfg points at {name}")
+        });
+    }
+
+    // The configuration mounted where the image's command reads it.
+    let command: Vec<&str> = haproxy["command"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let config_path = command
+        .iter()
+        .position(|w| *w == "-f")
+        .and_then(|i| command.get(i + 1))
+        .copied()
+        .unwrap_or(HAPROXY_IMAGE_CONFIG);
+    let ours = std::fs::canonicalize(HaproxyCfg::path()).unwrap();
+    let lb_mounts = mounts(haproxy);
+    let mounted = lb_mounts
+        .iter()
+        .find(|(_, target)| target == config_path)
+        .map(|(source, _)| repo().join("deploy").join(source));
+    p.check(
+        mounted
+            .as_ref()
+            .and_then(|m| std::fs::canonicalize(m).ok())
+            .as_ref()
+            == Some(&ours),
+        || format!("haproxy does not mount ./haproxy/wrs.cfg at {config_path}: {lb_mounts:?}"),
+    );
+
+    // The stats socket in a directory the image's user (haproxy) can write
+    // even with a read-only root: a tmpfs (world-writable unless a mode
+    // says otherwise) or a volume.
+    let stats = lb_env.get(&cfg.stats).cloned().unwrap_or_default();
+    let stats_dir = stats.rsplit_once('/').map_or("", |(d, _)| d).to_owned();
+    let tmpfs = haproxy["tmpfs"].as_array().cloned().unwrap_or_else(|| {
+        haproxy["tmpfs"]
+            .as_str()
+            .map(|s| vec![json!(s)])
+            .unwrap_or_default()
+    });
+    let writable_tmpfs = tmpfs.iter().filter_map(Value::as_str).any(|entry| {
+        let (path, options) = entry.split_once(':').unwrap_or((entry, ""));
+        let mode = options
+            .split(',')
+            .find_map(|o| o.strip_prefix("mode="))
+            .map_or(Some(0o1777), |m| u32::from_str_radix(m, 8).ok());
+        path == stats_dir && mode.is_some_and(|m| m & 0o002 != 0)
+    });
+    let volume = lb_mounts.iter().any(|(_, target)| *target == stats_dir);
+    p.check(writable_tmpfs || volume, || {
+        format!("the stats socket {stats:?}: {stats_dir:?} is neither a world-writable tmpfs nor a volume")
+    });
+
+    // Room for maxconn WebSockets, two sockets each.
+    let nofile = &haproxy["ulimits"]["nofile"];
+    let soft = nofile
+        .as_u64()
+        .or_else(|| nofile["soft"].as_u64())
+        .unwrap_or(0);
+    p.check(soft > 2 * cfg.maxconn, || {
+        format!(
+            "haproxy's nofile ulimit {soft} is not above twice wrs.cfg's maxconn {}",
+            cfg.maxconn
+        )
+    });
+
+    // Started once the nodes are healthy, restarted when they are recreated.
+    let deps = depends_on(haproxy);
+    for name in wrs.keys() {
+        p.check(
+            deps.get(*name).map(String::as_str) == Some("service_healthy"),
+            || format!("haproxy does not wait for a healthy {name} ({deps:?})"),
+        );
+    }
+
+    // haproxy -c on what is mounted, with the service's environment and
+    // local addresses for the host names.
+    let dir = tempfile::tempdir().unwrap();
+    let mut env: BTreeMap<String, String> = lb_env.clone();
+    for (_, address_var, _) in &cfg.servers {
+        if let Some((_, port)) = lb_env.get(address_var).and_then(|a| a.rsplit_once(':')) {
+            env.insert(address_var.clone(), format!("127.0.0.1:{port}"));
+        }
+    }
+    if env.contains_key(&cfg.bind) {
+        env.insert(cfg.bind.clone(), format!("127.0.0.1:{}", free_port()));
+    }
+    if env.contains_key(&cfg.stats) {
+        let local = dir.path().join("stats.sock");
+        env.insert(cfg.stats.clone(), local.display().to_string());
+    }
+    let checked = mounted.unwrap_or_else(HaproxyCfg::path);
+    let output = Command::new("haproxy")
+        .arg("-c")
+        .arg("-f")
+        .arg(&checked)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(&env)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run haproxy ({e}); scripts/test.sh installs it"));
+    p.check(output.status.success(), || {
+        format!(
+            "haproxy -c -f {} with haproxy's environment:\n{}",
+            checked.display(),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    p.0
+}
+
+#[test]
+fn compose_haproxy_variant_fits_wrs_cfg_and_the_nodes() {
+    let help = help_variables();
+    let cfg = HaproxyCfg::read();
+    let doc = compose_with_haproxy();
+    let problems = haproxy_compose_problems(&doc, &help, &cfg);
+    Problems(problems).assert_none("deploy/compose.yaml with deploy/compose.haproxy.yaml");
+    // The override adds to compose.yaml: the nodes keep its settings.
+    let env = service_env(&doc["services"]["wrs-1"]).unwrap();
+    assert_eq!(env.get("WRS_CLUSTER").map(String::as_str), Some("wrs"));
+    assert!(env.contains_key("WRS_AGENT_PORT"), "{env:?}");
+}
+
+/// The check above fails on what it must fail on, each problem named.
+#[test]
+fn the_haproxy_compose_check_rejects_broken_variants() {
+    let help = help_variables();
+    let cfg = HaproxyCfg::read();
+    let good = compose_with_haproxy();
+    assert!(haproxy_compose_problems(&good, &help, &cfg).is_empty());
+    type Change = fn(&mut Value);
+    let cases: [(&str, Change, &[&str]); 10] = [
+        (
+            "an agent variable missing",
+            |d| {
+                d["services"]["haproxy"]["environment"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("WRS_AGENT_2");
+            },
+            &["haproxy: WRS_AGENT_2 is not set", "haproxy -c -f"],
+        ),
+        (
+            "an agent port that differs from the node's",
+            |d| d["services"]["wrs-3"]["environment"]["WRS_AGENT_PORT"] = json!("9091"),
+            &["WRS_AGENT_3 is \"9090\" but wrs-3's WRS_AGENT_PORT is \"9091\""],
+        ),
+        (
+            "a node without an agent port",
+            |d| {
+                d["services"]["wrs-2"]["environment"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("WRS_AGENT_PORT");
+            },
+            &["wrs-2 has no WRS_AGENT_PORT"],
+        ),
+        (
+            "a wrong API port",
+            |d| d["services"]["haproxy"]["environment"]["WRS_NODE_1"] = json!("wrs-1:8081"),
+            &["WRS_NODE_1 \"wrs-1:8081\": wrs-1's WRS_API_PORT is 8080"],
+        ),
+        (
+            "one node listed twice",
+            |d| d["services"]["haproxy"]["environment"]["WRS_NODE_2"] = json!("wrs-1:8080"),
+            &[
+                "wrs-1 is listed twice",
+                "no server of wrs.cfg points at wrs-2",
+            ],
+        ),
+        (
+            "another configuration mounted",
+            |d| {
+                d["services"]["haproxy"]["volumes"] =
+                    json!(["./nginx/compose.conf:/usr/local/etc/haproxy/haproxy.cfg:ro"])
+            },
+            &["haproxy does not mount ./haproxy/wrs.cfg", "haproxy -c -f"],
+        ),
+        (
+            "nginx still starting",
+            |d| {
+                d["services"]["nginx"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("profiles");
+            },
+            &["nginx starts too"],
+        ),
+        (
+            "the stats socket on the read-only root",
+            |d| {
+                d["services"]["haproxy"]["environment"]["WRS_LB_STATS"] =
+                    json!("/usr/local/etc/haproxy/wrs.sock")
+            },
+            &["\"/usr/local/etc/haproxy\" is neither a world-writable tmpfs nor a volume"],
+        ),
+        (
+            "links to nginx's TLS port",
+            |d| d["services"]["wrs-1"]["environment"]["WRS_PUBLIC_SSL"] = json!("true"),
+            &["wrs-1: WRS_PUBLIC_SSL is not false"],
+        ),
+        (
+            "too few file descriptors",
+            |d| d["services"]["haproxy"]["ulimits"]["nofile"] = json!(4096),
+            &["nofile ulimit 4096 is not above twice wrs.cfg's maxconn"],
+        ),
+    ];
+    for (what, change, expected) in cases {
+        let mut broken = good.clone();
+        change(&mut broken);
+        let problems = haproxy_compose_problems(&broken, &help, &cfg);
+        for needle in expected {
+            assert!(
+                problems.iter().any(|p| p.contains(needle)),
+                "{what}: expected a problem containing {needle:?}, got {problems:#?}"
+            );
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------

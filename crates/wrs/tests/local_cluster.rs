@@ -14,6 +14,12 @@
 //! - The script stops exactly what it started: after SIGTERM every process
 //!   it printed (and every other child of it) is gone, and its temporary
 //!   directory too; when NATS dies it stops the rest by itself.
+//! - With `--haproxy`, HAProxy with the shipped `deploy/haproxy/wrs.cfg`
+//!   replaces nginx: `ready` comes once its stats socket shows the three
+//!   servers UP, least connections spreads a channel's clients evenly, the
+//!   agent weights follow the nodes' load, a node stopped with SIGTERM goes
+//!   to DRAIN (agent) and then DOWN, and its clients, closed with 1012,
+//!   reconnect through HAProxy to the other two only.
 
 mod common;
 
@@ -31,7 +37,7 @@ use reqwest::StatusCode;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -53,6 +59,27 @@ struct Process {
     line: String,
 }
 
+/// The load balancer the script runs in front of the nodes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Balancer {
+    /// nginx with `deploy/nginx/compose.conf`, plain HTTP only.
+    Nginx,
+    /// nginx with its TLS server block too (`--tls`).
+    NginxTls,
+    /// HAProxy with `deploy/haproxy/wrs.cfg` (`--haproxy`).
+    Haproxy,
+}
+
+impl Balancer {
+    /// The name the script prints for the balancer's process.
+    fn name(self) -> &'static str {
+        match self {
+            Balancer::Nginx | Balancer::NginxTls => "nginx",
+            Balancer::Haproxy => "haproxy",
+        }
+    }
+}
+
 /// A running `deploy/local-cluster.sh`, stopped (by its PID) on drop.
 struct Cluster {
     script: tokio::process::Child,
@@ -60,7 +87,12 @@ struct Cluster {
     lines: mpsc::UnboundedReceiver<String>,
     processes: Vec<Process>,
     stopped: BTreeSet<String>,
+    /// `nginx` or `haproxy`.
+    lb_name: &'static str,
     lb: String,
+    /// HAProxy's stats socket (in the script's temporary directory), when
+    /// started with `--haproxy`.
+    stats: Option<PathBuf>,
     /// `wss://127.0.0.1:<port>` and a client configuration that trusts the
     /// script's certificate, when started with `--tls`.
     tls: Option<(String, Arc<rustls::ClientConfig>)>,
@@ -72,15 +104,36 @@ struct Cluster {
 
 impl Cluster {
     async fn start(tls: bool) -> Cluster {
+        let balancer = if tls {
+            Balancer::NginxTls
+        } else {
+            Balancer::Nginx
+        };
+        Cluster::start_with(balancer, &[]).await
+    }
+
+    /// Runs the script with `balancer` on ephemeral ports; `env` is given
+    /// to the script last (WRS_* variables reach the nodes).
+    async fn start_with(balancer: Balancer, env: &[(&str, &str)]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let tmp = dir.path().join("tmp");
         std::fs::create_dir(&tmp).unwrap();
         let stderr = dir.path().join("stderr.log");
         let node_ports = format!("{} {} {}", free_port(), free_port(), free_port());
         let mut command = tokio::process::Command::new(SCRIPT);
-        if tls {
-            command.arg("--tls");
+        match balancer {
+            Balancer::Nginx => {}
+            Balancer::NginxTls => {
+                command.arg("--tls");
+            }
+            Balancer::Haproxy => {
+                command.arg("--haproxy").env(
+                    "WRS_AGENT_PORTS",
+                    format!("{} {} {}", free_port(), free_port(), free_port()),
+                );
+            }
         }
+        let tls = balancer == Balancer::NginxTls;
         let mut script = command
             .env("WRS_LB_PORT", free_port().to_string())
             .env("WRS_LB_TLS_PORT", free_port().to_string())
@@ -92,6 +145,7 @@ impl Cluster {
             .env("WRS_SHUTDOWN_TIMEOUT_MS", "5000")
             .env("WRS_DRAIN_DELAY_MS", "1000")
             .env("TMPDIR", &tmp)
+            .envs(env.iter().copied())
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -114,7 +168,9 @@ impl Cluster {
             lines,
             processes: Vec::new(),
             stopped: BTreeSet::new(),
+            lb_name: balancer.name(),
             lb: String::new(),
+            stats: None,
             tls: None,
             http: common::http_client(),
             stderr,
@@ -140,10 +196,22 @@ impl Cluster {
         )
         .await;
         let names: Vec<&str> = cluster.processes.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["nats", "wrs-1", "wrs-2", "wrs-3", "nginx"]);
-        let nginx = cluster.process("nginx").clone();
-        assert_eq!(nginx.url, ready, "the ready line names nginx");
+        assert_eq!(names, ["nats", "wrs-1", "wrs-2", "wrs-3", balancer.name()]);
+        let nginx = cluster.process(balancer.name()).clone();
+        assert_eq!(nginx.url, ready, "the ready line names the balancer");
         cluster.lb = ready;
+        if balancer == Balancer::Haproxy {
+            let stats = nginx
+                .line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("stats="))
+                .unwrap_or_else(|| panic!("no stats= in {:?}", nginx.line));
+            assert!(
+                Path::new(stats).starts_with(&cluster.tmp),
+                "the stats socket lives in the script's temporary directory: {stats}"
+            );
+            cluster.stats = Some(PathBuf::from(stats));
+        }
         if tls {
             let line = nginx.line.clone();
             let field = |key: &str| {
@@ -355,8 +423,8 @@ impl Cluster {
     /// readers), and nginx's workers.
     fn descendants(&self) -> BTreeSet<u32> {
         let mut all = children_of(self.pid);
-        let nginx = self.process("nginx").pid;
-        all.extend(children_of(nginx));
+        let balancer = self.process(self.lb_name).pid;
+        all.extend(children_of(balancer));
         all
     }
 
@@ -384,9 +452,10 @@ impl Cluster {
     /// SIGTERM to the script; it must stop everything and exit 143.
     async fn stop(mut self) {
         let before = self.descendants();
+        let running = self.processes.len() - self.stopped.len();
         assert!(
-            before.len() >= 5 + 5,
-            "five processes and their log readers: {before:?}"
+            before.len() >= 2 * running,
+            "{running} processes and their log readers: {before:?}"
         );
         signal("-TERM", self.pid);
         let status = within(
@@ -398,6 +467,56 @@ impl Cluster {
         .unwrap();
         assert_eq!(status.code(), Some(143), "exit status after SIGTERM");
         self.assert_all_gone(&before);
+    }
+
+    /// HAProxy's view of the backend's servers (`show stat` on the stats
+    /// socket the script printed): server name -> its row.
+    async fn haproxy_servers(&self) -> BTreeMap<String, HaproxyServer> {
+        let path = self.stats.as_ref().expect("started with --haproxy");
+        let text = bounded("show stat", async {
+            let mut socket = tokio::net::UnixStream::connect(path)
+                .await
+                .unwrap_or_else(|e| panic!("HAProxy's stats socket {}: {e}", path.display()));
+            socket.write_all(b"show stat\n").await.unwrap();
+            let mut text = String::new();
+            socket.read_to_string(&mut text).await.unwrap();
+            text
+        })
+        .await;
+        let mut lines = text.lines();
+        let header: Vec<&str> = lines
+            .next()
+            .expect("show stat: a header")
+            .trim_start_matches("# ")
+            .split(',')
+            .collect();
+        let column = |name: &str| {
+            header
+                .iter()
+                .position(|h| *h == name)
+                .unwrap_or_else(|| panic!("show stat has no {name} column: {header:?}"))
+        };
+        let (px, sv, status, weight, check, agent) = (
+            column("pxname"),
+            column("svname"),
+            column("status"),
+            column("weight"),
+            column("check_status"),
+            column("agent_status"),
+        );
+        lines
+            .map(|l| l.split(',').collect::<Vec<_>>())
+            .filter(|f| f.len() > agent && f[px] == "wrs_nodes" && f[sv].starts_with("wrs-"))
+            .map(|f| {
+                let server = HaproxyServer {
+                    status: f[status].to_owned(),
+                    weight: f[weight].parse().unwrap_or_else(|_| panic!("weight {f:?}")),
+                    check: f[check].to_owned(),
+                    agent: f[agent].to_owned(),
+                };
+                (f[sv].to_owned(), server)
+            })
+            .collect()
     }
 
     /// The last lines of the script's standard error.
@@ -431,6 +550,19 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// One server of HAProxy's backend, as `show stat` lists it.
+#[derive(Clone, Debug, PartialEq)]
+struct HaproxyServer {
+    /// `UP`, `DOWN`, `DRAIN (agent)`, ...
+    status: String,
+    /// The effective weight (the agent's percentage of `weight 100`).
+    weight: u64,
+    /// The last health check (`L7OK`: /healthz answered 200).
+    check: String,
+    /// The last agent-check (`L7OK`: the node answered).
+    agent: String,
 }
 
 /// One client of a channel: its id, its node, its connection.
@@ -897,6 +1029,250 @@ async fn a_stopped_node_moves_its_clients_and_the_channel_survives() {
     cluster.assert_all_gone(&before);
 }
 
+/// The drain delay of the HAProxy run's nodes. HAProxy asks each node's
+/// agent every second (`agent-inter 1s`), so 3 s leave it time to put a
+/// stopped node into DRAIN, and the test time to see it there, before the
+/// node closes its clients with 1012 (the nodes' default is 5 s).
+const HAPROXY_DRAIN_DELAY_MS: &str = "3000";
+
+/// The HAProxy run's `WRS_MAX_CONNECTIONS` per node, so that the agent
+/// weights move visibly: a node with `n` clients weighs `100 - n`.
+const HAPROXY_MAX_CONNECTIONS: u64 = 100;
+
+/// Clients per node, from a roster (client id -> node).
+fn per_node(roster: &BTreeMap<String, String>) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for node in roster.values() {
+        *counts.entry(node.clone()).or_default() += 1;
+    }
+    counts
+}
+
+#[tokio::test]
+async fn haproxy_spreads_a_channel_and_moves_a_stopped_nodes_clients_to_the_others() {
+    let max = HAPROXY_MAX_CONNECTIONS.to_string();
+    let mut cluster = Cluster::start_with(
+        Balancer::Haproxy,
+        &[
+            ("WRS_DRAIN_DELAY_MS", HAPROXY_DRAIN_DELAY_MS),
+            ("WRS_MAX_CONNECTIONS", &max),
+        ],
+    )
+    .await;
+    let nodes = ["wrs-1", "wrs-2", "wrs-3"];
+
+    // `ready` came once HAProxy had checked all three: UP, /healthz and the
+    // agent answered, the agent's weight of an empty node.
+    let servers = cluster.haproxy_servers().await;
+    assert_eq!(servers.keys().collect::<Vec<_>>(), nodes, "{servers:?}");
+    for (name, server) in &servers {
+        let up = HaproxyServer {
+            status: "UP".into(),
+            weight: 100,
+            check: "L7OK".into(),
+            agent: "L7OK".into(),
+        };
+        assert_eq!(server, &up, "{name} at the ready line");
+    }
+
+    // Six clients of one channel, one after the other through HAProxy:
+    // least connections puts two on each node.
+    let channel = cluster.create("pub-sub").await;
+    let mut peers = Vec::new();
+    for _ in 0..6 {
+        let (id, ws) = cluster.connect(&channel, false).await;
+        peers.push(Peer {
+            id,
+            node: String::new(),
+            ws,
+        });
+    }
+    let n = peers.len();
+    let ids: BTreeSet<String> = peers.iter().map(|p| p.id.clone()).collect();
+    let roster = cluster.wait_roster(&channel.0, &ids).await;
+    for peer in &mut peers {
+        peer.node = roster[&peer.id].clone();
+    }
+    let two_each: BTreeMap<String, usize> = nodes.iter().map(|n| (n.to_string(), 2)).collect();
+    assert_eq!(per_node(&roster), two_each, "least connections: {roster:?}");
+    // The agents report the load: 2 of 100 connections taken.
+    common::eventually("HAProxy's weights to follow the agents (98)", || async {
+        let servers = cluster.haproxy_servers().await;
+        (servers.len() == 3
+            && servers
+                .values()
+                .all(|s| s.status == "UP" && s.weight == HAPROXY_MAX_CONNECTIONS - 2))
+        .then_some(())
+    })
+    .await;
+
+    // SIGTERM to the first client's node: its agent answers `drain` at once,
+    // so HAProxy sends it nothing new while it waits out its drain delay.
+    let victim = peers[0].node.clone();
+    let pid = cluster.stop_node(&victim);
+    common::eventually(&format!("{victim} in DRAIN (agent)"), || async {
+        let servers = cluster.haproxy_servers().await;
+        let others_up = servers
+            .iter()
+            .filter(|(name, _)| **name != victim)
+            .all(|(_, s)| s.status == "UP");
+        (servers.get(&victim)?.status == "DRAIN (agent)" && others_up).then_some(())
+    })
+    .await;
+    let (moved, mut peers): (Vec<Peer>, Vec<Peer>) =
+        peers.into_iter().partition(|p| p.node == victim);
+    assert_eq!(moved.len(), 2);
+    for mut peer in moved {
+        assert_eq!(peer.ws.expect_close(1012).await, "draining");
+    }
+    let line = cluster
+        .next_line(Duration::from_secs(20), "the script to report the node")
+        .await
+        .expect("the script ended");
+    assert_eq!(line, format!("exited {victim} pid={pid} status=0"));
+    assert!(
+        matches!(cluster.script.try_wait(), Ok(None)),
+        "the script must survive a stopped node"
+    );
+
+    // They reconnect through HAProxy: one to each of the other two.
+    while peers.len() < n {
+        let (id, ws) = cluster.connect(&channel, false).await;
+        peers.push(Peer {
+            id,
+            node: String::new(),
+            ws,
+        });
+    }
+    let ids: BTreeSet<String> = peers.iter().map(|p| p.id.clone()).collect();
+    let roster = cluster.wait_roster(&channel.0, &ids).await;
+    for peer in &mut peers {
+        peer.node = roster[&peer.id].clone();
+    }
+    let three_each: BTreeMap<String, usize> = nodes
+        .iter()
+        .filter(|n| **n != victim)
+        .map(|n| (n.to_string(), 3))
+        .collect();
+    assert_eq!(per_node(&roster), three_each, "after the move: {roster:?}");
+    // HAProxy: the stopped node DOWN (its /healthz is gone), the others
+    // UP weighing 100 - 3.
+    common::eventually(&format!("{victim} DOWN, the others at 97"), || async {
+        let servers = cluster.haproxy_servers().await;
+        let others = servers
+            .iter()
+            .filter(|(name, _)| **name != victim)
+            .all(|(_, s)| s.status == "UP" && s.weight == HAPROXY_MAX_CONNECTIONS - 3);
+        (servers.get(&victim)?.status.starts_with("DOWN") && others).then_some(())
+    })
+    .await;
+
+    // Messages flow between all clients again, exactly once each.
+    for (i, peer) in peers.iter_mut().enumerate() {
+        peer.ws.send_text(format!("after {i}")).await;
+    }
+    for (i, peer) in peers.iter_mut().enumerate() {
+        let got = sorted(recv_texts(peer, n - 1).await);
+        let expected = sorted(
+            (0..n)
+                .filter(|&j| j != i)
+                .map(|j| format!("after {j}"))
+                .collect(),
+        );
+        assert_eq!(got, expected, "pub-sub to {} on {}", peer.id, peer.node);
+    }
+    assert_quiet(&mut peers).await;
+    close_all(peers).await;
+
+    // SIGTERM to the script: HAProxy, the two nodes and NATS stop, the
+    // stats socket goes with the temporary directory.
+    let stats = cluster.stats.clone().unwrap();
+    cluster.stop().await;
+    assert!(!stats.exists(), "{} left behind", stats.display());
+}
+
+/// `--haproxy` settings are checked before anything starts.
+#[tokio::test]
+async fn haproxy_settings_are_checked_before_anything_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], env: &[(&str, String)]| {
+        std::process::Command::new(SCRIPT)
+            .args(args)
+            .env(
+                "WRS_NODE_PORTS",
+                format!("{} {} {}", free_port(), free_port(), free_port()),
+            )
+            .env("WRS_LB_PORT", free_port().to_string())
+            .env("WRS_NATS_PORT", free_port().to_string())
+            .env("WRS_NATS_MONITOR_PORT", free_port().to_string())
+            .env("WRS_BINARY", env!("CARGO_BIN_EXE_wrs"))
+            .env("TMPDIR", tmp.path())
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap()
+    };
+    let refused = |output: std::process::Output, message: &str| {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert!(output.stdout.is_empty(), "{:?}", output.stdout);
+        assert!(stderr.contains(message), "expected {message:?}: {stderr}");
+    };
+    let agents = || format!("{} {} {}", free_port(), free_port(), free_port());
+
+    // wrs.cfg has no TLS frontend.
+    refused(
+        run(&["--tls", "--haproxy"], &[("WRS_AGENT_PORTS", agents())]),
+        "--tls is for nginx only",
+    );
+    refused(
+        run(&["--haproxy"], &[("WRS_LB_TLS", "true".into())]),
+        "--tls is for nginx only",
+    );
+    refused(
+        run(&[], &[("WRS_LB", "traefik".into())]),
+        "WRS_LB must be nginx or haproxy, not 'traefik'",
+    );
+    refused(
+        run(&["--haproxy"], &[("WRS_AGENT_PORTS", "19091 19092".into())]),
+        "WRS_AGENT_PORTS needs three ports",
+    );
+    // An agent port in use (WRS_LB=haproxy is the same as --haproxy).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    refused(
+        run(
+            &[],
+            &[
+                ("WRS_LB", "haproxy".into()),
+                (
+                    "WRS_AGENT_PORTS",
+                    format!("{} {port} {}", free_port(), free_port()),
+                ),
+            ],
+        ),
+        &format!("port {port} on 127.0.0.1 is already in use"),
+    );
+    // An agent port equal to a node's port.
+    let same = free_port();
+    refused(
+        run(
+            &["--haproxy"],
+            &[
+                (
+                    "WRS_NODE_PORTS",
+                    format!("{same} {} {}", free_port(), free_port()),
+                ),
+                (
+                    "WRS_AGENT_PORTS",
+                    format!("{same} {} {}", free_port(), free_port()),
+                ),
+            ],
+        ),
+        "the ports must differ",
+    );
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+}
+
 #[tokio::test]
 async fn help_and_bad_settings_start_nothing() {
     let help = std::process::Command::new(SCRIPT)
@@ -912,6 +1288,10 @@ async fn help_and_bad_settings_start_nothing() {
         "WRS_NODE_PORTS",
         "WRS_BINARY",
         "compose.conf",
+        "--haproxy",
+        "WRS_AGENT_PORTS",
+        "deploy/haproxy/wrs.cfg",
+        "stats=",
     ] {
         assert!(text.contains(word), "--help lacks {word}:\n{text}");
     }
