@@ -99,6 +99,18 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(11..=1024 * 1024 * 1024))]
     pub client_queue_bytes: u32,
 
+    /// Offer permessage-deflate (RFC 7692, without context takeover): on or off. A broadcast is
+    /// compressed once for all receivers that negotiated it; others get it plain.
+    #[arg(long, env = "WRS_COMPRESSION", default_value = "off", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub compression: bool,
+
+    /// With WRS_COMPRESSION=on, messages of at least this many bytes are compressed; smaller
+    /// ones go out plain (0-67108864).
+    #[arg(long, env = "WRS_COMPRESSION_MIN_BYTES", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(0..=64 * 1024 * 1024))]
+    pub compression_min_bytes: u32,
+
     /// What to do with a client whose queue is full: close it with 1008, or drop the message for it.
     #[arg(long, env = "WRS_SLOW_CONSUMER", value_enum, default_value_t = SlowConsumerPolicy::Close)]
     pub slow_consumer: SlowConsumerPolicy,
@@ -499,6 +511,9 @@ impl Config {
                 absolute: u64::from(self.rebalance_absolute),
                 rate: self.rebalance_rate,
             }),
+            compress_from: self
+                .compression
+                .then_some(self.compression_min_bytes as usize),
         }
     }
 }

@@ -231,7 +231,7 @@ impl NatsCoordinator {
             // Not in the shared roster yet (or any more): this node's view.
             return outlet.route_locally(channel, sender, prepared);
         };
-        let frame = prepared.frame();
+        let frame = outlet.frame(prepared.opcode, prepared.payload.clone());
         let mut attempts = roster.len();
         loop {
             let receivers = pattern::route(
@@ -245,7 +245,7 @@ impl NatsCoordinator {
             match receivers {
                 Receivers::Nobody => return Ok(Delivered::default()),
                 Receivers::Sender => {
-                    let delivered = outlet.offer_to(channel, sender, frame);
+                    let delivered = outlet.offer_to(channel, sender, &frame);
                     return Ok(prepared.delivered(u64::from(delivered)));
                 }
                 Receivers::AllButSender => {
@@ -276,7 +276,7 @@ impl NatsCoordinator {
                         });
                         return Ok(Delivered::default());
                     }
-                    if outlet.offer_to(channel, target, frame.clone()) {
+                    if outlet.offer_to(channel, target, &frame) {
                         return Ok(prepared.delivered(1));
                     }
                     attempts -= 1;

@@ -121,7 +121,27 @@ async fn upgrade(
         .reserve(&channel)
         .await
         .map_err(|e| connect_error(e, &id))?;
-    let member = reservation.admit().map_err(|reason| match reason {
+    // permessage-deflate, when offered and compression is on: what the
+    // client is told and what its connection does come from one answer.
+    let deflate = app
+        .relay
+        .settings()
+        .compress_from
+        .and_then(|_| {
+            ws::deflate::negotiate(
+                request
+                    .headers()
+                    .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+                    .iter()
+                    .map(|v| v.as_bytes()),
+            )
+        })
+        .and_then(|deflate| {
+            let answer = header::HeaderValue::from_str(&deflate.response()).ok()?;
+            Some((deflate, answer))
+        });
+    let (deflate, answer) = deflate.unzip();
+    let member = reservation.admit(deflate).map_err(|reason| match reason {
         CloseReason::ServerShutdown => connect_error(ConnectError::Draining, &id),
         _ => connect_error(ConnectError::NotFound, &id),
     })?;
@@ -133,7 +153,13 @@ async fn upgrade(
             Err(error) => debug!(%error, "upgrade did not complete"),
         }
     });
-    switching_protocols(accept)
+    let mut response = switching_protocols(accept)?;
+    if let Some(answer) = answer {
+        response
+            .headers_mut()
+            .insert(header::SEC_WEBSOCKET_EXTENSIONS, answer);
+    }
+    Ok(response)
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use super::ids::ClientId;
 use super::overload::Slot;
 use super::{ConnectError, Relay};
 use crate::ws::codec::{self, OpCode};
+use crate::ws::deflate::Deflate;
 
 /// A place held in a channel for a connection being upgraded.
 #[derive(Debug)]
@@ -74,11 +75,11 @@ impl Reservation {
     ///
     /// Why the client cannot join: the channel closed since the place was
     /// held, or the node began draining (the client is removed again).
-    pub fn admit(mut self) -> Result<Member, CloseReason> {
+    pub fn admit(mut self, deflate: Option<Deflate>) -> Result<Member, CloseReason> {
         self.held = false;
         let relay = Arc::clone(&self.relay);
         let channel = Arc::clone(&self.channel);
-        let client = match channel.fill_place(self.id, relay.settings().queue) {
+        let client = match channel.fill_place(self.id, relay.settings().queue, deflate) {
             Ok(client) => client,
             Err(reason) => {
                 self.give_back();

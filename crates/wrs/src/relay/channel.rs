@@ -16,6 +16,7 @@ use super::clock::Clock;
 use super::ids::{ChannelId, ClientId, TokenDigest};
 use super::order::JoinOrder;
 use super::pattern::{Pattern, Roster};
+use crate::ws::deflate::Deflate;
 
 /// The settings a channel is created with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -268,6 +269,7 @@ impl Channel {
         &self,
         id: Option<ClientId>,
         limits: QueueLimits,
+        deflate: Option<Deflate>,
     ) -> Result<Arc<Client>, CloseReason> {
         let mut members = self.members.write();
         members.reserved -= 1;
@@ -283,7 +285,7 @@ impl Channel {
                 }
             },
         };
-        let client = Arc::new(Client::new(id, limits));
+        let client = Arc::new(Client::new(id, limits, deflate));
         members.clients.insert(id, Arc::clone(&client));
         Ok(client)
     }
@@ -362,7 +364,7 @@ mod tests {
     /// A held place, admitted at once.
     fn join(ch: &Channel) -> Arc<Client> {
         ch.hold_place().unwrap();
-        ch.fill_place(None, LIMITS).unwrap()
+        ch.fill_place(None, LIMITS, None).unwrap()
     }
 
     #[test]
@@ -372,10 +374,10 @@ mod tests {
         ch.hold_place().unwrap();
         assert_eq!(ch.hold_place().unwrap_err(), JoinError::Full { limit: 2 });
         ch.release_place();
-        let client = ch.fill_place(None, LIMITS).unwrap();
+        let client = ch.fill_place(None, LIMITS, None).unwrap();
         ch.hold_place().unwrap();
         assert_eq!(ch.hold_place().unwrap_err(), JoinError::Full { limit: 2 });
-        ch.fill_place(None, LIMITS).unwrap();
+        ch.fill_place(None, LIMITS, None).unwrap();
         assert_eq!(ch.client_count(), 2);
         ch.leave(client.id());
         assert_eq!(ch.client_count(), 1);
@@ -401,7 +403,7 @@ mod tests {
         assert_eq!(ch.client_count(), 0);
         // A place held while it closed cannot be filled.
         assert_eq!(
-            ch.fill_place(None, LIMITS).unwrap_err(),
+            ch.fill_place(None, LIMITS, None).unwrap_err(),
             CloseReason::ChannelDeleted
         );
         assert!(ch.is_idle_here());
@@ -416,7 +418,9 @@ mod tests {
         let ch = channel(None, None);
         ch.hold_place().unwrap();
         assert!(!ch.is_idle_here(), "a held place counts as a client here");
-        let client = ch.fill_place(Some(ClientId::from_raw(42)), LIMITS).unwrap();
+        let client = ch
+            .fill_place(Some(ClientId::from_raw(42)), LIMITS, None)
+            .unwrap();
         assert_eq!(client.id(), ClientId::from_raw(42));
         assert_eq!(ch.clients()[0].0, ClientId::from_raw(42));
         ch.leave(client.id());

@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 use tokio::sync::futures::Notified;
 
 use super::ids::ClientId;
+use crate::ws::deflate::Deflate;
 
 /// Slots an empty queue keeps when it is shrunk after a burst: enough for
 /// the pings and odd frames of a quiet client, so shrinking never
@@ -217,16 +218,23 @@ impl Outbox {
 pub struct Client {
     id: ClientId,
     connected_at: SystemTime,
+    /// permessage-deflate, if the client negotiated it.
+    deflate: Option<Deflate>,
     pub outbox: Outbox,
 }
 
 impl Client {
-    pub fn new(id: ClientId, limits: QueueLimits) -> Self {
+    pub fn new(id: ClientId, limits: QueueLimits, deflate: Option<Deflate>) -> Self {
         Self {
             id,
             connected_at: SystemTime::now(),
+            deflate,
             outbox: Outbox::new(limits),
         }
+    }
+
+    pub fn deflate(&self) -> Option<Deflate> {
+        self.deflate
     }
 
     pub fn id(&self) -> ClientId {

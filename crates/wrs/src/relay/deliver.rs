@@ -3,6 +3,8 @@
 //! (over this node's roster, or over the cluster's); what it does for
 //! receivers on this node goes through an [`Outlet`].
 
+use std::cell::OnceCell;
+
 use bytes::Bytes;
 
 use super::channel::Channel;
@@ -13,6 +15,7 @@ use super::subprotocol::{self, Envelope, FrameError};
 use super::{Delivered, Message, SlowConsumerPolicy};
 use crate::metrics::Metrics;
 use crate::ws::codec::{self, OpCode};
+use crate::ws::deflate::{self, MAX_WINDOW_BITS};
 
 /// A message classified for routing, with the payload its receivers get.
 #[derive(Debug)]
@@ -25,11 +28,6 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// The WebSocket frame receivers get (encode once, share it).
-    pub fn frame(&self) -> Bytes {
-        codec::encode(self.opcode, &self.payload)
-    }
-
     /// `frames` deliveries of this message.
     pub fn delivered(&self, frames: u64) -> Delivered {
         Delivered {
@@ -99,15 +97,81 @@ pub struct Inbound {
     pub target: Option<(ClientId, Fallback)>,
 }
 
+/// One message as its receivers get it: encoded at most once plain and at
+/// most once compressed (permessage-deflate, for the receivers that
+/// negotiated it with the default window), the same bytes shared by all.
+/// A receiver that asked for a smaller window gets its own compression.
+#[derive(Debug)]
+pub struct Frame {
+    opcode: OpCode,
+    payload: Bytes,
+    /// Large enough to be worth compressing (and compression is on).
+    compressible: bool,
+    plain: OnceCell<Bytes>,
+    /// `None` inside: the compressor failed (the plain frame goes).
+    deflated: OnceCell<Option<Bytes>>,
+}
+
+impl Frame {
+    pub fn new(opcode: OpCode, payload: Bytes, compress_from: Option<usize>) -> Frame {
+        Frame {
+            opcode,
+            compressible: compress_from.is_some_and(|min| payload.len() >= min),
+            payload,
+            plain: OnceCell::new(),
+            deflated: OnceCell::new(),
+        }
+    }
+
+    /// The frame bytes for `client`.
+    pub fn for_client(&self, client: &Client) -> Bytes {
+        let deflated = match client.deflate() {
+            Some(deflate) if self.compressible => {
+                if deflate.window_bits == MAX_WINDOW_BITS {
+                    self.deflated
+                        .get_or_init(|| self.compress(MAX_WINDOW_BITS))
+                        .clone()
+                } else {
+                    self.compress(deflate.window_bits)
+                }
+            }
+            _ => None,
+        };
+        deflated.unwrap_or_else(|| {
+            self.plain
+                .get_or_init(|| codec::encode(self.opcode, &self.payload))
+                .clone()
+        })
+    }
+
+    fn compress(&self, window_bits: u8) -> Option<Bytes> {
+        deflate::compress(&self.payload, window_bits)
+            .map(|compressed| codec::encode_deflated(self.opcode, &compressed))
+    }
+}
+
 /// Delivery into this node's outboxes, with the slow-consumer policy and
-/// the counters. Cheap to make: two references.
+/// the counters. Cheap to make: three references' worth.
 #[derive(Clone, Copy, Debug)]
 pub struct Outlet<'a> {
     pub metrics: &'a Metrics,
     pub policy: SlowConsumerPolicy,
+    /// Messages of at least this many bytes are compressed for the clients
+    /// that negotiated permessage-deflate; `None`: compression is off.
+    pub compress_from: Option<usize>,
 }
 
 impl Outlet<'_> {
+    /// `payload` as a frame for this node's receivers.
+    pub fn frame(&self, opcode: OpCode, payload: Bytes) -> Frame {
+        Frame::new(opcode, payload, self.compress_from)
+    }
+
+    /// Queues `frame` as `client` takes it (compressed or not).
+    pub fn offer_frame(&self, channel: &Channel, client: &Client, frame: &Frame) -> bool {
+        self.offer(channel, client, frame.for_client(client))
+    }
+
     /// Queues `frame` for `client`; on a full outbox applies the
     /// slow-consumer policy. Returns whether the frame was queued.
     pub fn offer(&self, channel: &Channel, client: &Client, frame: Bytes) -> bool {
@@ -129,23 +193,23 @@ impl Outlet<'_> {
 
     /// Queues `frame` for every local client but `sender`; returns how many
     /// took it.
-    pub fn offer_all_but(&self, channel: &Channel, sender: Option<ClientId>, frame: &Bytes) -> u64 {
+    pub fn offer_all_but(&self, channel: &Channel, sender: Option<ClientId>, frame: &Frame) -> u64 {
         channel
             .members()
             .iter()
             .filter(|client| {
-                Some(client.id()) != sender && self.offer(channel, client, frame.clone())
+                Some(client.id()) != sender && self.offer_frame(channel, client, frame)
             })
             .count() as u64
     }
 
     /// Queues `frame` for the local client `id`; false if it is not here
     /// (or not taking frames).
-    pub fn offer_to(&self, channel: &Channel, id: ClientId, frame: Bytes) -> bool {
+    pub fn offer_to(&self, channel: &Channel, id: ClientId, frame: &Frame) -> bool {
         channel
             .members()
             .client(id)
-            .is_some_and(|client| self.offer(channel, client, frame))
+            .is_some_and(|client| self.offer_frame(channel, client, frame))
     }
 
     /// Routes over this node's own clients and pushes into their outboxes:
@@ -162,7 +226,7 @@ impl Outlet<'_> {
         prepared: &Prepared,
     ) -> Result<Delivered, FrameError> {
         // Encoded once before taking the roster lock, shared by every receiver.
-        let frame = prepared.frame();
+        let frame = self.frame(prepared.opcode, prepared.payload.clone());
         let members = channel.members();
         let Some(sender_at) = members.position(sender) else {
             // The sender is closing and already left the roster.
@@ -171,7 +235,7 @@ impl Outlet<'_> {
         let deliver = |position: usize| {
             members
                 .client_at(position)
-                .is_some_and(|client| self.offer(channel, client, frame.clone()))
+                .is_some_and(|client| self.offer_frame(channel, client, &frame))
         };
         // A round-robin pick whose outbox is closing or full passes the
         // message on to the next client in turn, at most once per client.
@@ -193,7 +257,7 @@ impl Outlet<'_> {
                     let frames = members
                         .iter()
                         .filter(|client| {
-                            client.id() != sender && self.offer(channel, client, frame.clone())
+                            client.id() != sender && self.offer_frame(channel, client, &frame)
                         })
                         .count();
                     return Ok(prepared.delivered(frames as u64));
@@ -216,14 +280,14 @@ impl Outlet<'_> {
     /// target left, the next local client in turn), or to all but the
     /// sender. Returns the deliveries made.
     pub fn deliver_inbound(&self, channel: &Channel, inbound: &Inbound) -> u64 {
-        let frame = codec::encode(inbound.opcode, &inbound.payload);
+        let frame = self.frame(inbound.opcode, inbound.payload.clone());
         match inbound.target {
             None => self.offer_all_but(channel, inbound.sender, &frame),
             Some((target, fallback)) => {
                 let members = channel.members();
                 if members
                     .client(target)
-                    .is_some_and(|client| self.offer(channel, client, frame.clone()))
+                    .is_some_and(|client| self.offer_frame(channel, client, &frame))
                 {
                     return 1;
                 }
@@ -236,7 +300,7 @@ impl Outlet<'_> {
                     .filter_map(|i| members.client_at(i))
                     .find(|client| {
                         Some(client.id()) != inbound.sender
-                            && self.offer(channel, client, frame.clone())
+                            && self.offer_frame(channel, client, &frame)
                     })
                     .map_or(0, |_| 1)
             }

@@ -149,6 +149,9 @@ pub struct RelaySettings {
     pub drain: DrainSettings,
     /// `None`: rebalancing is off.
     pub rebalance: Option<RebalanceSettings>,
+    /// permessage-deflate is offered; messages from this size on are
+    /// compressed. `None`: compression is off.
+    pub compress_from: Option<usize>,
 }
 
 /// A message a client sent: a complete text (valid UTF-8) or binary payload.
@@ -713,6 +716,7 @@ impl Relay {
         Outlet {
             metrics: &self.metrics,
             policy: self.settings.slow_consumer,
+            compress_from: self.settings.compress_from,
         }
     }
 

@@ -9,6 +9,8 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use super::deflate::{self, InflateError};
+
 /// Frame opcodes (RFC 6455 §5.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpCode {
@@ -71,6 +73,8 @@ pub enum ProtocolError {
     InvalidUtf8,
     #[error("protocol error: {0}")]
     Violation(&'static str),
+    #[error("a compressed message that is not valid deflate data")]
+    InvalidDeflate,
 }
 
 impl ProtocolError {
@@ -78,7 +82,9 @@ impl ProtocolError {
         match self {
             ProtocolError::TooLarge { .. } => close_code::TOO_BIG,
             ProtocolError::InvalidUtf8 => close_code::INVALID_PAYLOAD,
-            ProtocolError::Violation(_) => close_code::PROTOCOL_ERROR,
+            ProtocolError::Violation(_) | ProtocolError::InvalidDeflate => {
+                close_code::PROTOCOL_ERROR
+            }
         }
     }
 }
@@ -87,8 +93,11 @@ impl ProtocolError {
 #[derive(Debug)]
 pub struct Decoder {
     max_message: usize,
-    /// A fragmented message being reassembled: its opcode and data so far.
-    fragment: Option<(OpCode, BytesMut)>,
+    /// permessage-deflate was negotiated: RSV1 marks a compressed message.
+    deflate: bool,
+    /// A fragmented message being reassembled: its opcode, whether it is
+    /// compressed, and its data so far.
+    fragment: Option<(OpCode, bool, BytesMut)>,
     /// Bytes of an oversized frame's payload still to be discarded.
     skip: u64,
     /// Total size of the frame at the front of the buffer, once its header
@@ -100,10 +109,18 @@ impl Decoder {
     pub fn new(max_message: usize) -> Self {
         Self {
             max_message,
+            deflate: false,
             fragment: None,
             skip: 0,
             awaiting: 0,
         }
+    }
+
+    /// Accepts compressed messages (RSV1 on a message's first frame),
+    /// inflated with their size bounded by the message limit.
+    pub fn with_deflate(mut self, deflate: bool) -> Self {
+        self.deflate = deflate;
+        self
     }
 
     /// How many bytes the buffer should be able to hold for the next read:
@@ -136,13 +153,19 @@ impl Decoder {
             }
             let (b0, b1) = (buf[0], buf[1]);
             let fin = b0 & 0x80 != 0;
-            if b0 & 0x70 != 0 {
+            let compressed = b0 & 0x40 != 0;
+            if b0 & 0x30 != 0 || (compressed && !self.deflate) {
                 return Err(ProtocolError::Violation(
                     "reserved bits set without an extension",
                 ));
             }
             let opcode =
                 OpCode::from_bits(b0 & 0x0F).ok_or(ProtocolError::Violation("unknown opcode"))?;
+            if compressed && !matches!(opcode, OpCode::Text | OpCode::Binary) {
+                return Err(ProtocolError::Violation(
+                    "RSV1 set on a control or continuation frame",
+                ));
+            }
             if b1 & 0x80 == 0 {
                 return Err(ProtocolError::Violation("client frames must be masked"));
             }
@@ -177,7 +200,7 @@ impl Decoder {
                 }
             } else {
                 let so_far = match (&self.fragment, opcode) {
-                    (Some((_, data)), OpCode::Continuation) => data.len() as u64,
+                    (Some((_, _, data)), OpCode::Continuation) => data.len() as u64,
                     _ => 0,
                 };
                 let size = so_far.saturating_add(payload_len);
@@ -217,25 +240,49 @@ impl Decoder {
                         ));
                     }
                     if fin {
-                        return complete(opcode, payload.freeze()).map(Some);
+                        return self
+                            .complete(opcode, compressed, payload.freeze())
+                            .map(Some);
                     }
-                    self.fragment = Some((opcode, payload));
+                    self.fragment = Some((opcode, compressed, payload));
                 }
                 OpCode::Continuation => {
-                    let Some((first, mut data)) = self.fragment.take() else {
+                    let Some((first, compressed, mut data)) = self.fragment.take() else {
                         return Err(ProtocolError::Violation("continuation without a message"));
                     };
                     data.extend_from_slice(&payload);
                     if fin {
-                        return complete(first, data.freeze()).map(Some);
+                        return self.complete(first, compressed, data.freeze()).map(Some);
                     }
-                    self.fragment = Some((first, data));
+                    self.fragment = Some((first, compressed, data));
                 }
                 OpCode::Ping => return Ok(Some(Event::Ping(payload.freeze()))),
                 OpCode::Pong => return Ok(Some(Event::Pong)),
                 OpCode::Close => return parse_close(&payload).map(|code| Some(Event::Close(code))),
             }
         }
+    }
+
+    /// Finishes a data message: inflated if compressed (within the message
+    /// limit); text must be valid UTF-8.
+    fn complete(
+        &self,
+        opcode: OpCode,
+        compressed: bool,
+        payload: Bytes,
+    ) -> Result<Event, ProtocolError> {
+        let payload = if compressed {
+            deflate::inflate(&payload, self.max_message).map_err(|error| match error {
+                InflateError::TooLarge => ProtocolError::TooLarge {
+                    size: self.max_message as u64 + 1,
+                    max: self.max_message,
+                },
+                InflateError::Invalid => ProtocolError::InvalidDeflate,
+            })?
+        } else {
+            payload
+        };
+        complete(opcode, payload)
     }
 }
 
@@ -283,9 +330,18 @@ fn unmask(data: &mut [u8], mask: [u8; 4]) {
 
 /// Encodes one unmasked, unfragmented server frame.
 pub fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
+    encode_frame(0x80 | opcode as u8, payload)
+}
+
+/// Encodes a message compressed with permessage-deflate (RSV1 set).
+pub fn encode_deflated(opcode: OpCode, compressed: &[u8]) -> Bytes {
+    encode_frame(0xC0 | opcode as u8, compressed)
+}
+
+fn encode_frame(first: u8, payload: &[u8]) -> Bytes {
     let len = payload.len();
     let mut out = BytesMut::with_capacity(len + 10);
-    out.put_u8(0x80 | opcode as u8);
+    out.put_u8(first);
     if len < 126 {
         out.put_u8(len as u8);
     } else if let Ok(short) = u16::try_from(len) {

@@ -11,6 +11,7 @@
 //! the connection's queue and the client's outbox empty.
 
 pub mod codec;
+pub mod deflate;
 pub mod handshake;
 mod send;
 
@@ -195,7 +196,8 @@ impl<'a, R: Source, W: AsyncWrite + Unpin + Send> Connection<'a, R, W> {
             reader,
             writer,
             inbox: BytesMut::from(&leftover[..]),
-            decoder: Decoder::new(relay.settings().max_message_bytes),
+            decoder: Decoder::new(relay.settings().max_message_bytes)
+                .with_deflate(client.deflate().is_some()),
             pending: VecDeque::new(),
             written: 0,
             relay,
@@ -521,7 +523,7 @@ mod tests {
             welcome: false,
         };
         let (channel, _token) = relay.create_channel(spec).await.unwrap();
-        let member = relay.reserve(&channel).await.unwrap().admit().unwrap();
+        let member = relay.reserve(&channel).await.unwrap().admit(None).unwrap();
         let client = member.client();
         let frame = codec::encode(OpCode::Text, b"0123456789");
         // A small pipe: the connection blocks writing long before the
