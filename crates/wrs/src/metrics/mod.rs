@@ -80,6 +80,9 @@ pub struct Metrics {
     frame_errors: PerPattern,
     pub dropped: Counter,
     pub slow_consumer_closes: Counter,
+    /// Messages compressed with permessage-deflate: once per message and
+    /// window size, however many receivers share the result.
+    pub compressions: Counter,
     pub connections_open: Gauge,
     pub connections_accepted: Counter,
     connect_rejections: Family<ReasonLabels, Counter>,
@@ -154,6 +157,12 @@ impl Metrics {
             "slow_consumer_closes",
             "Clients closed with 1008 because their queue overflowed",
             slow_consumer_closes.clone(),
+        );
+        let compressions = Counter::default();
+        registry.register(
+            "compressions",
+            "Messages compressed with permessage-deflate (once per message, shared by its receivers)",
+            compressions.clone(),
         );
         let connections_open = Gauge::default();
         registry.register(
@@ -256,6 +265,7 @@ impl Metrics {
             frame_errors,
             dropped,
             slow_consumer_closes,
+            compressions,
             connections_open,
             connections_accepted,
             connect_rejections,

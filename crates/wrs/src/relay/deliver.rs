@@ -102,7 +102,8 @@ pub struct Inbound {
 /// negotiated it with the default window), the same bytes shared by all.
 /// A receiver that asked for a smaller window gets its own compression.
 #[derive(Debug)]
-pub struct Frame {
+pub struct Frame<'a> {
+    metrics: &'a Metrics,
     opcode: OpCode,
     payload: Bytes,
     /// Large enough to be worth compressing (and compression is on).
@@ -112,9 +113,15 @@ pub struct Frame {
     deflated: OnceCell<Option<Bytes>>,
 }
 
-impl Frame {
-    pub fn new(opcode: OpCode, payload: Bytes, compress_from: Option<usize>) -> Frame {
+impl<'a> Frame<'a> {
+    pub fn new(
+        metrics: &'a Metrics,
+        opcode: OpCode,
+        payload: Bytes,
+        compress_from: Option<usize>,
+    ) -> Frame<'a> {
         Frame {
+            metrics,
             opcode,
             compressible: compress_from.is_some_and(|min| payload.len() >= min),
             payload,
@@ -145,6 +152,7 @@ impl Frame {
     }
 
     fn compress(&self, window_bits: u8) -> Option<Bytes> {
+        self.metrics.compressions.inc();
         deflate::compress(&self.payload, window_bits)
             .map(|compressed| codec::encode_deflated(self.opcode, &compressed))
     }
@@ -163,12 +171,12 @@ pub struct Outlet<'a> {
 
 impl Outlet<'_> {
     /// `payload` as a frame for this node's receivers.
-    pub fn frame(&self, opcode: OpCode, payload: Bytes) -> Frame {
-        Frame::new(opcode, payload, self.compress_from)
+    pub fn frame(&self, opcode: OpCode, payload: Bytes) -> Frame<'_> {
+        Frame::new(self.metrics, opcode, payload, self.compress_from)
     }
 
     /// Queues `frame` as `client` takes it (compressed or not).
-    pub fn offer_frame(&self, channel: &Channel, client: &Client, frame: &Frame) -> bool {
+    pub fn offer_frame(&self, channel: &Channel, client: &Client, frame: &Frame<'_>) -> bool {
         self.offer(channel, client, frame.for_client(client))
     }
 
@@ -193,7 +201,12 @@ impl Outlet<'_> {
 
     /// Queues `frame` for every local client but `sender`; returns how many
     /// took it.
-    pub fn offer_all_but(&self, channel: &Channel, sender: Option<ClientId>, frame: &Frame) -> u64 {
+    pub fn offer_all_but(
+        &self,
+        channel: &Channel,
+        sender: Option<ClientId>,
+        frame: &Frame<'_>,
+    ) -> u64 {
         channel
             .members()
             .iter()
@@ -205,7 +218,7 @@ impl Outlet<'_> {
 
     /// Queues `frame` for the local client `id`; false if it is not here
     /// (or not taking frames).
-    pub fn offer_to(&self, channel: &Channel, id: ClientId, frame: &Frame) -> bool {
+    pub fn offer_to(&self, channel: &Channel, id: ClientId, frame: &Frame<'_>) -> bool {
         channel
             .members()
             .client(id)
