@@ -26,6 +26,10 @@
 #   ADMISSION=1     run bench/admission.sh (creates, deletes and connects in
 #                   a cluster against one node; 0 to skip, keeping
 #                   target/bench/admission from an earlier run)
+#   ELASTIC=1       run bench/elastic.sh (a node added to a cluster behind
+#                   HAProxy, a node drained, the per-client rate limiter's
+#                   cost; 0 to skip, keeping target/bench/elastic from an
+#                   earlier run)
 #   OUT=docs/benchmarks.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +42,7 @@ PROFILE=${PROFILE:-1}
 SUITE=${SUITE:-1}
 CLUSTER=${CLUSTER:-1}
 ADMISSION=${ADMISSION:-1}
+ELASTIC=${ELASTIC:-1}
 OUT=${OUT:-docs/benchmarks.md}
 WRS_PORT=18080
 NCHAN_PORT=18081
@@ -53,6 +58,7 @@ revision=${WRS_REVISION:-$(git describe --always --dirty 2>/dev/null || echo "(n
 results=$root/target/bench/results
 cluster_results=$root/target/bench/cluster
 admission_results=$root/target/bench/admission
+elastic_results=$root/target/bench/elastic
 profiles=$root/target/bench/profile
 rundir=$root/target/bench/run
 [ "$SUITE" = 1 ] && rm -rf "$results"
@@ -383,6 +389,13 @@ if [ "$ADMISSION" = 1 ]; then
   RUNS=$RUNS DURATION=$DURATION PROFILE=$PROFILE OUT=$admission_results bench/admission.sh >/dev/null
 fi
 
+# Elasticity (its own script too; it installs HAProxy when missing).
+if [ "$ELASTIC" = 1 ]; then
+  log "elasticity: a node added, a node drained, the per-client rate limiter"
+  RUNS=$RUNS DURATION=$DURATION OUT=$elastic_results WRS_REVISION=$revision \
+    bench/elastic.sh >/dev/null
+fi
+
 # The exact command lines, for the document.
 commands_md=$rundir/commands.md
 {
@@ -591,6 +604,12 @@ EOF
   fi
   echo
   if [ -f bench/cluster.md ]; then cat bench/cluster.md; echo; fi
+  if [ -s "$elastic_results/section.md" ]; then
+    cat "$elastic_results/section.md"
+  else
+    printf '## Elasticity\n\nNot run (ELASTIC=0).\n'
+  fi
+  echo
   echo "## Profile"
   echo
   if [ -s "$profile_md" ]; then cat "$profile_md"; else echo "Not profiled (PROFILE=0)."; fi

@@ -24,7 +24,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use harness::Common;
-use scenario::{churn, echo, fanout, idle, pushpull};
+use scenario::{churn, echo, fanout, idle, pushpull, storm};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -56,6 +56,10 @@ enum Command {
     /// REST create/delete req/s, and create -> connect -> send -> delete
     /// cycles.
     Churn(churn::ChurnArgs),
+    /// A crowd of clients that reconnect (with jitter, through a balancer)
+    /// while a node is added or drained: time to settle, reconnect
+    /// latency and errors, and the message latency of clients that stay.
+    Storm(storm::StormArgs),
     /// Reads JSON reports from a directory and prints Markdown tables with
     /// medians per case and target and the ratios WRS / peer.
     Summarize {
@@ -63,12 +67,19 @@ enum Command {
         dir: PathBuf,
         /// Render the cluster table (per-process CPU, NATS messages)
         /// instead of the suite's tables.
-        #[arg(long, conflicts_with = "admission")]
+        #[arg(long, conflicts_with_all = ["admission", "elastic"])]
         cluster: bool,
         /// Render the admission table (`bench/admission.sh`): create +
         /// delete pairs and connects per second, CPU per operation.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "elastic")]
         admission: bool,
+        /// Render the elasticity tables (`bench/elastic.sh`): a node
+        /// added, a node drained, the per-client rate limiter's cost.
+        #[arg(long)]
+        elastic: bool,
+        /// With `--elastic`: only this table ("Not run." without reports).
+        #[arg(long, value_enum, requires = "elastic")]
+        only: Option<summary::ElasticTable>,
     },
 }
 
@@ -78,12 +89,16 @@ fn main() -> ExitCode {
         dir,
         cluster,
         admission,
+        elastic,
+        only,
     } = &cli.command
     {
         let summary = if *cluster {
             summary::summarize_cluster(dir)
         } else if *admission {
             summary::summarize_admission(dir)
+        } else if *elastic {
+            summary::summarize_elastic(dir, *only)
         } else {
             summary::summarize(dir)
         };
@@ -127,6 +142,7 @@ fn main() -> ExitCode {
             Command::Reqrep(args) => echo::run_reqrep(common, args).await,
             Command::Idle(args) => idle::run(common, args).await,
             Command::Churn(args) => churn::run(common, args).await,
+            Command::Storm(args) => storm::run(common, args).await,
             Command::Summarize { .. } => unreachable!("handled above"),
         }
     });

@@ -16,6 +16,10 @@ use anyhow::Context;
 
 use crate::report::{Report, micros, si};
 
+mod elastic;
+
+pub use elastic::{ElasticTable, summarize_elastic};
+
 /// The target under test in side-by-side tables.
 const WRS: &str = "wrs";
 /// Latency names in order of preference for the one a table shows.

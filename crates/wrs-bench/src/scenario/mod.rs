@@ -5,6 +5,7 @@ pub mod echo;
 pub mod fanout;
 pub mod idle;
 pub mod pushpull;
+pub mod storm;
 
 use std::time::{Duration, Instant};
 
