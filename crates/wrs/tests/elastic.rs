@@ -408,3 +408,79 @@ async fn a_new_node_fills_up_as_the_full_one_sheds_its_excess() {
         mover.abort();
     }
 }
+
+/// Reads `j<n>` jobs until the connection closes; returns them and the
+/// close code.
+async fn take_jobs(mut ws: Ws) -> (Vec<u64>, Option<u16>) {
+    let mut jobs = Vec::new();
+    loop {
+        match within(Duration::from_secs(30), "jobs", ws.stream.next()).await {
+            Some(Ok(Message::Text(text))) => jobs.push(text[1..].parse().unwrap()),
+            Some(Ok(Message::Close(frame))) => return (jobs, frame.map(|f| u16::from(f.code))),
+            Some(Ok(_)) => {}
+            _ => return (jobs, None),
+        }
+    }
+}
+
+#[tokio::test]
+async fn jobs_in_flight_to_a_drained_nodes_last_worker_go_to_a_worker_elsewhere() {
+    const JOBS: u64 = 4_000;
+    let nats = NatsServer::start().await;
+    let options = NodeOptions::new(nats.url());
+    let a = common::nats::node(&options, "node-a").await;
+    let b = common::nats::node(&options, "node-b").await;
+    let c = common::nats::node(&options, "node-c").await;
+    let channel = a.create_pattern("push-pull").await;
+    let on_b = b.connect(&channel).await;
+    let on_c = c.connect(&channel).await;
+    let mut pusher = a.connect(&channel).await;
+    common::nats::wait_everywhere(&[&a, &b, &c], &channel.id, 3).await;
+    let last_on_b = tokio::spawn(take_jobs(on_b));
+    let elsewhere = tokio::spawn(take_jobs(on_c));
+    // Jobs alternate between B and C; B is drained while they flow, so
+    // node A keeps sending to B's worker for as long as its roster still
+    // lists it.
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = sent.clone();
+    let push = tokio::spawn(async move {
+        for n in 0..JOBS {
+            pusher.send_text(format!("j{n}")).await;
+            counter.store(n + 1, std::sync::atomic::Ordering::SeqCst);
+        }
+        pusher
+    });
+    eventually("jobs flowing", || async {
+        (sent.load(std::sync::atomic::Ordering::SeqCst) >= JOBS / 4).then_some(())
+    })
+    .await;
+    let (status, body) = b.post("/cluster/node-b/drain", "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let pusher = bounded("pushing", push).await.unwrap();
+    let (on_b, code) = bounded("node B's worker", last_on_b).await.unwrap();
+    assert_eq!(code, Some(1012));
+    // Node C's worker gets everything else, exactly once.
+    let expected = JOBS - on_b.len() as u64;
+    // On a timeout the exact check below says what is missing.
+    let _ = tokio::time::timeout(WAIT, async {
+        while (metric(&c, "wrs_messages_out_total{pattern=\"push-pull\"}").await as u64) < expected
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    drop(pusher);
+    c.delete(&format!("/channels/{}", channel.id)).await;
+    let (on_c, _) = bounded("node C's worker", elsewhere).await.unwrap();
+    let mut all: Vec<u64> = on_b.iter().chain(&on_c).copied().collect();
+    all.sort_unstable();
+    let missing: Vec<u64> = (0..JOBS)
+        .filter(|n| all.binary_search(n).is_err())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} jobs lost: {missing:?}",
+        missing.len()
+    );
+    assert_eq!(all.len() as u64, JOBS, "no job twice");
+}

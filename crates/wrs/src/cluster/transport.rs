@@ -11,6 +11,7 @@
 //! queue to a publisher task; beyond it they are dropped and counted.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -42,6 +43,9 @@ const SENDER: &str = "Wrs-Sender";
 const KIND: &str = "Wrs-Kind";
 const TARGET: &str = "Wrs-Target";
 const MODE: &str = "Wrs-Mode";
+/// Set on a round-robin pick passed on by a node that had nobody to take
+/// it: it is not passed on again.
+const PASSED_ON: &str = "Wrs-Passed-On";
 
 /// How a message for one client is handled if that client is gone.
 const MODE_PICK: &str = "pick";
@@ -60,6 +64,8 @@ pub(super) struct Transport {
     /// Channels whose broadcasts this node subscribes to (those with
     /// clients here), with the token that ends the subscription.
     interest: DashMap<ChannelId, CancellationToken>,
+    /// Turns for picks passed on to other nodes.
+    passed_on: AtomicUsize,
     outgoing_tx: mpsc::Sender<Outgoing>,
     outgoing_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
 }
@@ -69,6 +75,7 @@ impl Transport {
         let (outgoing_tx, outgoing_rx) = mpsc::channel(PUBLISH_QUEUE);
         Self {
             interest: DashMap::new(),
+            passed_on: AtomicUsize::new(0),
             outgoing_tx,
             outgoing_rx: Mutex::new(Some(outgoing_rx)),
         }
@@ -158,10 +165,49 @@ impl NatsCoordinator {
             let Some((channel, inbound)) = inbound(&message) else {
                 continue;
             };
-            if let Some(handle) = self.handle() {
-                handle.deliver(&channel, &inbound);
+            if let Some(handle) = self.handle()
+                && handle.deliver(&channel, &inbound) == 0
+            {
+                self.pass_on(&channel, &message, &inbound);
             }
         }
+    }
+
+    /// A round-robin pick that nobody here could take — its target left
+    /// (drained, shed, disconnected) before the sender's roster said so, and
+    /// no other client of the channel is on this node — goes once more, to
+    /// a client of the channel on another node, in turn. Without this a
+    /// drained node's last worker would lose every job sent to it until the
+    /// senders' rosters caught up.
+    fn pass_on(&self, channel: &ChannelId, message: &async_nats::Message, inbound: &Inbound) {
+        let Some((_, Fallback::NextInTurn)) = inbound.target else {
+            return;
+        };
+        let Some(mut headers) = message.headers.clone() else {
+            return;
+        };
+        if headers.get(PASSED_ON).is_some() {
+            return;
+        }
+        let Some((roster, _)) = self.roster(channel) else {
+            return;
+        };
+        let candidates: Vec<(ClientId, &str)> = (0..roster.len())
+            .filter_map(|i| roster.entry(i))
+            .filter(|&(id, node)| node != &*self.node && Some(id) != inbound.sender)
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let turn = self.transport.passed_on.fetch_add(1, Ordering::Relaxed);
+        let (target, node) = candidates[turn % candidates.len()];
+        headers.insert(TARGET, target.to_string().as_str());
+        headers.insert(PASSED_ON, "1");
+        self.send(Outgoing {
+            subject: self.node_subject(node),
+            headers,
+            payload: message.payload.clone(),
+        });
     }
 
     /// Subscribes to a channel's broadcasts unless already subscribed; the

@@ -356,11 +356,12 @@ impl Handle {
         }
     }
 
-    /// Delivers a message from another node to this node's clients.
-    pub fn deliver(&self, id: &ChannelId, inbound: &Inbound) {
-        if let Some(relay) = self.relay.upgrade() {
-            relay.deliver_inbound(id, inbound);
-        }
+    /// Delivers a message from another node to this node's clients;
+    /// returns how many took it.
+    pub fn deliver(&self, id: &ChannelId, inbound: &Inbound) -> u64 {
+        self.relay
+            .upgrade()
+            .map_or(0, |relay| relay.deliver_inbound(id, inbound))
     }
 
     /// This node's state and load.

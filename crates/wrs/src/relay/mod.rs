@@ -755,10 +755,11 @@ impl Relay {
         }
     }
 
-    /// Delivers a message that another node relayed to this node's clients.
-    fn deliver_inbound(&self, id: &ChannelId, inbound: &Inbound) {
+    /// Delivers a message that another node relayed to this node's
+    /// clients; returns how many took it.
+    fn deliver_inbound(&self, id: &ChannelId, inbound: &Inbound) -> u64 {
         let Some(channel) = self.registry.get(id) else {
-            return;
+            return 0;
         };
         let delivered = self.outlet().deliver_inbound(&channel, inbound);
         channel.touch();
@@ -767,6 +768,7 @@ impl Relay {
             delivered,
             delivered * inbound.payload.len() as u64,
         );
+        delivered
     }
 
     /// Queues a frame for one client, applying the slow-consumer policy.
