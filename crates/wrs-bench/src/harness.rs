@@ -63,6 +63,14 @@ pub struct Common {
     /// the cheapest per message.
     #[arg(long, global = true, default_value_t = 1)]
     pub threads: usize,
+    /// Offer permessage-deflate (RFC 7692) on every WebSocket connection
+    /// and inflate the compressed messages received (in this process).
+    #[arg(long, global = true)]
+    pub deflate: bool,
+    /// PEM certificate to trust for wss:// and https:// URLs; without it
+    /// any server certificate is accepted (loopback benchmarks only).
+    #[arg(long, global = true, value_name = "PEM")]
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 impl Common {
@@ -81,12 +89,28 @@ impl Common {
 
     /// A report with the common fields filled in.
     pub fn report(&self, scenario: &str, target: &str) -> Report {
-        Report {
+        let mut report = Report {
             scenario: scenario.into(),
             case: self.case.clone(),
             target: target.into(),
             ..Report::default()
+        };
+        if self.deflate {
+            report.params.insert("deflate".into(), true.into());
         }
+        report
+    }
+
+    /// The connection options of this run, for [`crate::ws::configure`].
+    ///
+    /// # Errors
+    ///
+    /// The `--tls-ca` file cannot be read or holds no certificate.
+    pub fn client_options(&self) -> anyhow::Result<crate::ws::ClientOptions> {
+        Ok(crate::ws::ClientOptions {
+            deflate: self.deflate,
+            tls: Some(crate::ws::tls_config(self.tls_ca.as_deref())?),
+        })
     }
 
     pub fn progress_enabled(&self) -> bool {

@@ -12,6 +12,10 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
+
+/// A plain or TLS connection.
+type Stream = Either<TcpStream, crate::ws::TlsStream>;
 
 /// Largest response head or body accepted.
 const MAX_RESPONSE: usize = 16 * 1024 * 1024;
@@ -24,6 +28,8 @@ pub enum HttpError {
     Malformed(&'static str),
     #[error("request timed out")]
     Timeout,
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::ws::ConnectError),
 }
 
 /// A response: status and body.
@@ -37,7 +43,9 @@ pub struct Response {
 pub struct HttpClient {
     addr: SocketAddr,
     host: String,
-    stream: Option<TcpStream>,
+    /// HTTPS (see [`crate::ws::configure`] for what is trusted).
+    tls: bool,
+    stream: Option<Stream>,
     buf: Vec<u8>,
     timeout: Duration,
 }
@@ -47,10 +55,17 @@ impl HttpClient {
         Self {
             addr,
             host,
+            tls: false,
             stream: None,
             buf: Vec::with_capacity(4096),
             timeout,
         }
+    }
+
+    /// The same client over TLS (`https://`) when `tls` is set.
+    pub fn with_tls(mut self, tls: bool) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Sends one request and reads its response, within the timeout.
@@ -95,7 +110,11 @@ impl HttpClient {
         if self.stream.is_none() {
             let stream = TcpStream::connect(self.addr).await?;
             stream.set_nodelay(true)?;
-            self.stream = Some(stream);
+            self.stream = Some(if self.tls {
+                Either::Right(crate::ws::tls_connect(stream, &self.host).await?)
+            } else {
+                Either::Left(stream)
+            });
             self.buf.clear();
         }
         let stream = self.stream.as_mut().expect("connected above");
@@ -111,7 +130,7 @@ impl HttpClient {
 /// Reads one response from `stream`; `buf` keeps bytes that arrived after
 /// it. Returns the response and whether the connection stays open.
 async fn read_response(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut Vec<u8>,
 ) -> Result<(Response, bool), HttpError> {
     let head_end = loop {
@@ -174,7 +193,7 @@ async fn read_response(
     Ok((Response { status, body }, keep_alive))
 }
 
-async fn read_chunked(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Vec<u8>, HttpError> {
+async fn read_chunked(stream: &mut Stream, buf: &mut Vec<u8>) -> Result<Vec<u8>, HttpError> {
     let mut body = Vec::new();
     loop {
         let line_end = loop {
@@ -202,7 +221,7 @@ async fn read_chunked(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Vec<u
     }
 }
 
-async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), HttpError> {
+async fn read_more(stream: &mut Stream, buf: &mut Vec<u8>) -> Result<(), HttpError> {
     if buf.len() > MAX_RESPONSE {
         return Err(HttpError::Malformed("response too large"));
     }

@@ -10,6 +10,7 @@ mod harness;
 mod http;
 mod payload;
 mod procfs;
+mod relay;
 mod report;
 mod rng;
 mod scenario;
@@ -60,6 +61,9 @@ enum Command {
     /// while a node is added or drained: time to settle, reconnect
     /// latency and errors, and the message latency of clients that stay.
     Storm(storm::StormArgs),
+    /// A copy-only broadcast relay (the floor under real relays' figures):
+    /// serves until killed.
+    Relay(relay::RelayArgs),
     /// Reads JSON reports from a directory and prints Markdown tables with
     /// medians per case and target and the ratios WRS / peer.
     Summarize {
@@ -67,19 +71,23 @@ enum Command {
         dir: PathBuf,
         /// Render the cluster table (per-process CPU, NATS messages)
         /// instead of the suite's tables.
-        #[arg(long, conflicts_with_all = ["admission", "elastic"])]
+        #[arg(long, conflicts_with_all = ["admission", "elastic", "wire"])]
         cluster: bool,
         /// Render the admission table (`bench/admission.sh`): create +
         /// delete pairs and connects per second, CPU per operation.
-        #[arg(long, conflicts_with = "elastic")]
+        #[arg(long, conflicts_with_all = ["elastic", "wire"])]
         admission: bool,
         /// Render the elasticity tables (`bench/elastic.sh`): a node
         /// added, a node drained, the per-client rate limiter's cost.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "wire")]
         elastic: bool,
         /// With `--elastic`: only this table ("Not run." without reports).
         #[arg(long, value_enum, requires = "elastic")]
         only: Option<summary::ElasticTable>,
+        /// Render one table of `bench/wire.sh` (compression, TLS, the
+        /// fan-out next to the peers, idle memory) with its targets.
+        #[arg(long, value_enum, value_name = "TABLE")]
+        wire: Option<summary::WireTable>,
     },
 }
 
@@ -91,9 +99,12 @@ fn main() -> ExitCode {
         admission,
         elastic,
         only,
+        wire,
     } = &cli.command
     {
-        let summary = if *cluster {
+        let summary = if let Some(table) = wire {
+            summary::summarize_wire(dir, *table)
+        } else if *cluster {
             summary::summarize_cluster(dir)
         } else if *admission {
             summary::summarize_admission(dir)
@@ -112,6 +123,24 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    if let Command::Relay(args) = &cli.command {
+        let served = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| runtime.block_on(relay::serve(args)));
+        if let Err(error) = served {
+            eprintln!("wrs-bench relay: {error:#}");
+        }
+        return ExitCode::FAILURE;
+    }
+    match cli.common.client_options() {
+        Ok(options) => ws::configure(options),
+        Err(error) => {
+            eprintln!("wrs-bench: {error:#}");
+            return ExitCode::FAILURE;
+        }
     }
     if let Err(error) = procfs::raise_nofile_limit() {
         eprintln!("wrs-bench: cannot raise the open-file limit: {error}");
@@ -143,7 +172,7 @@ fn main() -> ExitCode {
             Command::Idle(args) => idle::run(common, args).await,
             Command::Churn(args) => churn::run(common, args).await,
             Command::Storm(args) => storm::run(common, args).await,
-            Command::Summarize { .. } => unreachable!("handled above"),
+            Command::Summarize { .. } | Command::Relay(_) => unreachable!("handled above"),
         }
     });
     // Connections still open are closed by the runtime's shutdown.

@@ -104,12 +104,98 @@ fn unhex(digits: &[u8]) -> Option<u64> {
     })
 }
 
-/// Builds messages of one fixed size; the padding is written once.
+/// Builds messages of one fixed size; the padding is written once. Or,
+/// with [`Composer::snapshot`], a JSON document whose numbers change from
+/// message to message.
 #[derive(Clone, Debug)]
 pub struct Composer {
     buf: Vec<u8>,
     /// Where the header goes in `buf`.
     at: usize,
+    snapshot: Option<Snapshot>,
+}
+
+/// Services named in a snapshot, in order.
+const SERVICES: [&str; 16] = [
+    "api-gateway",
+    "auth",
+    "billing",
+    "catalog",
+    "checkout",
+    "search",
+    "recommendations",
+    "inventory",
+    "notifications",
+    "payments",
+    "shipping",
+    "reviews",
+    "media",
+    "sessions",
+    "analytics",
+    "pricing",
+];
+const REGIONS: [&str; 4] = ["eu-west-1", "eu-central-1", "us-east-1", "ap-south-1"];
+
+/// A monitoring dashboard's state, as a relay would push it: one entry
+/// per service with request rate, latencies, error count, CPU and memory,
+/// every number drawn afresh for each message.
+#[derive(Clone, Debug)]
+struct Snapshot {
+    /// Largest document written.
+    size: usize,
+    rng: crate::rng::FastRng,
+    seq: u64,
+}
+
+impl Snapshot {
+    /// Writes the document for `stamp` into `buf` (the stamp in `"b"`).
+    fn write(&mut self, stamp: &Stamp, buf: &mut Vec<u8>) {
+        use std::io::Write as _;
+        self.seq += 1;
+        buf.clear();
+        let mut header = [0u8; HEADER_LEN];
+        stamp.write(&mut header);
+        buf.extend_from_slice(br#"{"b":""#);
+        buf.extend_from_slice(&header);
+        let region = REGIONS[(self.rng.next_u32() % 4) as usize];
+        let _ = write!(
+            buf,
+            r#"","type":"snapshot","seq":{},"region":"{region}","services":["#,
+            self.seq
+        );
+        let mut entry = Vec::with_capacity(256);
+        for (i, name) in SERVICES.iter().cycle().enumerate() {
+            entry.clear();
+            let r = &mut self.rng;
+            let status = match r.next_u32() % 20 {
+                0 => "degraded",
+                1 => "down",
+                _ => "ok",
+            };
+            let p50 = r.next_u32() % 5000;
+            let _ = write!(
+                entry,
+                r#"{}{{"name":"{name}","instance":{},"status":"{status}","rps":{}.{},"p50_ms":{}.{:02},"p99_ms":{}.{:02},"errors":{},"cpu_pct":{}.{},"mem_mb":{}}}"#,
+                if i == 0 { "" } else { "," },
+                i / SERVICES.len() + 1,
+                r.next_u32() % 20_000,
+                r.next_u32() % 10,
+                p50 / 100,
+                p50 % 100,
+                p50 / 100 + r.next_u32() % 400,
+                r.next_u32() % 100,
+                r.next_u32() % 50,
+                r.next_u32() % 100,
+                r.next_u32() % 10,
+                256 + r.next_u32() % 3840,
+            );
+            if i > 0 && buf.len() + entry.len() + 2 > self.size {
+                break;
+            }
+            buf.extend_from_slice(&entry);
+        }
+        buf.extend_from_slice(b"]}");
+    }
 }
 
 impl Composer {
@@ -118,6 +204,21 @@ impl Composer {
         Self {
             buf: vec![b'.'; size.max(HEADER_LEN)],
             at: 0,
+            snapshot: None,
+        }
+    }
+
+    /// JSON snapshots of at most `size` bytes (at least one service
+    /// entry), with numbers drawn from a generator seeded with `seed`.
+    pub fn snapshot(size: usize, seed: u64) -> Self {
+        Self {
+            buf: Vec::with_capacity(size + 256),
+            at: 0,
+            snapshot: Some(Snapshot {
+                size,
+                rng: crate::rng::FastRng::new(seed),
+                seq: 0,
+            }),
         }
     }
 
@@ -132,11 +233,16 @@ impl Composer {
         Self {
             buf,
             at: REQUEST_PREFIX.len(),
+            snapshot: None,
         }
     }
 
     /// The message for this stamp; valid until the next call.
     pub fn compose(&mut self, stamp: &Stamp) -> &[u8] {
+        if let Some(snapshot) = &mut self.snapshot {
+            snapshot.write(stamp, &mut self.buf);
+            return &self.buf;
+        }
         let header: &mut [u8; HEADER_LEN] = (&mut self.buf[self.at..self.at + HEADER_LEN])
             .try_into()
             .expect("the buffer always holds a header");
@@ -207,6 +313,30 @@ mod tests {
         assert_eq!(value["origin"], "AB12-CD34");
         assert!(is_reply(&reply));
         assert_eq!(Stamp::find(&reply), Some(stamp(7)));
+    }
+
+    #[test]
+    fn snapshots_are_json_that_changes_and_carries_the_stamp() {
+        let mut composer = Composer::snapshot(1536, 3);
+        let first = composer.compose(&stamp(1)).to_vec();
+        let second = composer.compose(&stamp(2)).to_vec();
+        for (message, seq) in [(&first, 1), (&second, 2)] {
+            assert!(
+                message.len() <= 1536 && message.len() > 1200,
+                "{}",
+                message.len()
+            );
+            let value: serde_json::Value = serde_json::from_slice(message).unwrap();
+            assert_eq!(value["type"], "snapshot");
+            assert!(value["services"].as_array().unwrap().len() >= 8);
+            assert_eq!(Stamp::find(message), Some(stamp(seq)));
+        }
+        // Same shape, other numbers.
+        assert_ne!(first[HEADER_LEN + 8..], second[HEADER_LEN + 8..]);
+        // Tiny sizes still give a document with one entry.
+        let small = Composer::snapshot(10, 1).compose(&stamp(1)).to_vec();
+        let value: serde_json::Value = serde_json::from_slice(&small).unwrap();
+        assert_eq!(value["services"].as_array().unwrap().len(), 1);
     }
 
     #[test]

@@ -17,8 +17,10 @@ use anyhow::Context;
 use crate::report::{Report, micros, si};
 
 mod elastic;
+mod wire;
 
 pub use elastic::{ElasticTable, summarize_elastic};
+pub use wire::{WireTable, summarize_wire};
 
 /// The target under test in side-by-side tables.
 const WRS: &str = "wrs";

@@ -129,7 +129,8 @@ impl Target {
     ) -> anyhow::Result<Vec<Channel>> {
         match self {
             Target::Wrs { api, .. } => {
-                let mut client = HttpClient::new(api.addr, api.host.clone(), timeout);
+                let mut client =
+                    HttpClient::new(api.addr, api.host.clone(), timeout).with_tls(api.tls);
                 let mut channels = Vec::with_capacity(count);
                 for _ in 0..count {
                     channels.push(create_channel(&mut client, api, pattern).await?);
@@ -162,7 +163,7 @@ impl Target {
         let Target::Wrs { api, .. } = self else {
             return 0;
         };
-        let mut client = HttpClient::new(api.addr, api.host.clone(), timeout);
+        let mut client = HttpClient::new(api.addr, api.host.clone(), timeout).with_tls(api.tls);
         let mut failures = 0;
         for channel in channels {
             let path = format!("/channels/{}", channel.name);

@@ -218,7 +218,7 @@ async fn rest_worker(
     counter: Arc<AtomicU64>,
 ) -> WorkerOut {
     let mut out = WorkerOut::default();
-    let mut client = HttpClient::new(api.addr, api.host.clone(), timeout);
+    let mut client = HttpClient::new(api.addr, api.host.clone(), timeout).with_tls(api.tls);
     while Instant::now() < end {
         let started = now_ns();
         let channel = match create_channel(&mut client, &api, "echo").await {
@@ -253,7 +253,7 @@ async fn cycle_worker(
     counter: Arc<AtomicU64>,
 ) -> WorkerOut {
     let mut out = WorkerOut::default();
-    let mut client = HttpClient::new(api.addr, api.host.clone(), timeout);
+    let mut client = HttpClient::new(api.addr, api.host.clone(), timeout).with_tls(api.tls);
     let mut composer = Composer::plain(64);
     let mut seq = 0;
     while Instant::now() < end {

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use clap::Args;
 use serde_json::json;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +25,7 @@ use crate::payload::{Composer, Kind, Stamp, now_ns};
 use crate::report::Report;
 use crate::target::Target;
 use crate::track::{Arrival, SeqTracker, SharedLatencies};
-use crate::ws::{Frame, RxBuf, TxBuf, WsConn, WsUrl};
+use crate::ws::{Frame, ReadHalf, RxBuf, TxBuf, WriteHalf, WsConn, WsUrl};
 
 /// Longest a single batch may take to write before the publisher gives up.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,9 +45,14 @@ pub struct FanoutArgs {
     /// Channels; publisher j and subscriber i use channel j mod K and i mod K.
     #[arg(short = 'k', long, default_value_t = 1)]
     pub channels: usize,
-    /// Message size in bytes (at least 40).
+    /// Message size in bytes (at least 40; with `--payload snapshot` the
+    /// largest document).
     #[arg(short = 'b', long, default_value_t = 64)]
     pub size: usize,
+    /// What messages carry: the stamp padded with dots, or a JSON
+    /// dashboard snapshot whose numbers change with every message.
+    #[arg(long, value_enum, default_value_t = PayloadKind::Plain)]
+    pub payload: PayloadKind,
     /// Messages per second per publisher; without it, the maximum rate.
     #[arg(long)]
     pub rate: Option<f64>,
@@ -61,6 +65,15 @@ pub struct FanoutArgs {
     /// `--server`, where the channels are created.
     #[arg(long = "spread", value_name = "URL")]
     pub spread: Vec<String>,
+}
+
+/// Message contents.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PayloadKind {
+    /// The 40-byte stamp padded with dots: compresses to almost nothing.
+    Plain,
+    /// A JSON snapshot of a monitoring dashboard, new numbers each time.
+    Snapshot,
 }
 
 /// What a publisher shares with the subscribers of its channel.
@@ -146,6 +159,9 @@ pub async fn run(common: &Common, args: &FanoutArgs) -> anyhow::Result<Report> {
         .params
         .insert("channels".into(), json!(args.channels));
     report.params.insert("size".into(), json!(args.size));
+    if args.payload == PayloadKind::Snapshot {
+        report.params.insert("payload".into(), json!("snapshot"));
+    }
     match args.rate {
         Some(rate) => report.params.insert("rate".into(), json!(rate)),
         None => report.params.insert("backlog".into(), json!(args.backlog)),
@@ -177,11 +193,7 @@ pub async fn run(common: &Common, args: &FanoutArgs) -> anyhow::Result<Report> {
             let sub = &channels[c].sub;
             let url = match &nodes[i % nodes.len()] {
                 None => sub.clone(),
-                Some(node) => WsUrl {
-                    addr: node.addr,
-                    host: node.host.clone(),
-                    path: sub.path.clone(),
-                },
+                Some(node) => node.with_path(sub.path.clone()),
             };
             Dial { url, source: None }
         })
@@ -339,10 +351,12 @@ pub async fn run(common: &Common, args: &FanoutArgs) -> anyhow::Result<Report> {
 
     stop.cancel();
     drop(write_halves);
+    let mut wire = WireStats::default();
     for outcome in collect(sub_tasks, Duration::from_secs(5)).await {
         let Some(sub) = outcome.into_done(&mut report) else {
             continue;
         };
+        wire.add(&sub.wire);
         for (j, tracker) in sub.trackers {
             report.lost += sent[j].saturating_sub(tracker.unique);
             report.duplicated += tracker.duplicated;
@@ -359,6 +373,7 @@ pub async fn run(common: &Common, args: &FanoutArgs) -> anyhow::Result<Report> {
     }
     report.sent = sent.iter().sum();
     measured.apply(&mut report);
+    wire.note(&mut report);
     if let Some(l) = shared.latencies.summary() {
         report.latency.insert("delivery".into(), l);
     }
@@ -390,7 +405,60 @@ pub async fn run(common: &Common, args: &FanoutArgs) -> anyhow::Result<Report> {
 pub struct SubscriberOut {
     /// Per publisher (global index): the measured sequence numbers.
     trackers: Vec<(usize, SeqTracker)>,
+    wire: WireStats,
     errors: Vec<String>,
+}
+
+/// Sizes of the measured messages a subscriber received (each counted
+/// once, duplicates left out).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct WireStats {
+    /// Subscribers that negotiated permessage-deflate.
+    deflate: u64,
+    messages: u64,
+    /// Of them, compressed.
+    compressed: u64,
+    /// Frame bytes as read: headers and payloads, compressed or not.
+    wire_bytes: u64,
+    /// Payload bytes after inflating.
+    payload_bytes: u64,
+}
+
+impl WireStats {
+    fn add(&mut self, other: &WireStats) {
+        self.deflate += other.deflate;
+        self.messages += other.messages;
+        self.compressed += other.compressed;
+        self.wire_bytes += other.wire_bytes;
+        self.payload_bytes += other.payload_bytes;
+    }
+
+    /// The report's figures: bytes per delivery on the wire and as
+    /// payload, their ratio, the share of messages compressed.
+    fn note(&self, report: &mut Report) {
+        report
+            .extra
+            .insert("subscribers_deflate".into(), json!(self.deflate));
+        if self.messages == 0 {
+            return;
+        }
+        let n = self.messages as f64;
+        report.extra.insert(
+            "wire_bytes_per_delivery".into(),
+            json!(self.wire_bytes as f64 / n),
+        );
+        report.extra.insert(
+            "payload_bytes_per_delivery".into(),
+            json!(self.payload_bytes as f64 / n),
+        );
+        report.extra.insert(
+            "compression_ratio".into(),
+            json!(self.payload_bytes as f64 / (self.wire_bytes as f64).max(1.0)),
+        );
+        report
+            .extra
+            .insert("compressed_share".into(), json!(self.compressed as f64 / n));
+    }
 }
 
 async fn subscribe(
@@ -413,6 +481,10 @@ async fn subscribe(
     let mut latencies = shared.latencies.recorder();
     let mut errors = Vec::new();
     let mut touched = vec![false; publishers.len()];
+    let mut wire = WireStats {
+        deflate: u64::from(conn.deflate()),
+        ..WireStats::default()
+    };
     'read: loop {
         let read = tokio::select! {
             biased;
@@ -433,8 +505,8 @@ async fn subscribe(
         let now = now_ns();
         let mut new = 0;
         loop {
-            let payload = match conn.rx.next_frame(&mut conn.tx) {
-                Ok(Some(Frame::Text(p) | Frame::Binary(p))) => p,
+            let (stamp, size) = match conn.rx.next_frame(&mut conn.tx) {
+                Ok(Some(Frame::Text(p) | Frame::Binary(p))) => (Stamp::find(p), p.len()),
                 Ok(Some(Frame::Close(code))) => {
                     errors.push(format!("subscriber: closed by the server with {code:?}"));
                     break 'read;
@@ -445,7 +517,7 @@ async fn subscribe(
                     break 'read;
                 }
             };
-            let Some(stamp) = Stamp::find(payload) else {
+            let Some(stamp) = stamp else {
                 continue;
             };
             let Some(&local) = local_of.get(stamp.source as usize) else {
@@ -467,6 +539,10 @@ async fn subscribe(
                 Kind::Measure => {
                     if trackers[local].insert(stamp.seq) == Arrival::New {
                         latencies.record(now.saturating_sub(stamp.sent_ns));
+                        wire.messages += 1;
+                        wire.compressed += u64::from(conn.rx.last_compressed());
+                        wire.wire_bytes += conn.rx.last_wire_bytes() as u64;
+                        wire.payload_bytes += size as u64;
                         touched[local] = true;
                         new += 1;
                     }
@@ -498,19 +574,20 @@ async fn subscribe(
     }
     SubscriberOut {
         trackers: publishers.into_iter().zip(trackers).collect(),
+        wire,
         errors,
     }
 }
 
 /// Reads and discards what a publisher receives (a relay that echoes to
 /// the sender would otherwise stall on it).
-async fn drain(read: OwnedReadHalf, mut rx: RxBuf, stop: CancellationToken) -> Vec<String> {
+async fn drain(mut read: ReadHalf, mut rx: RxBuf, stop: CancellationToken) -> Vec<String> {
     let mut sink = TxBuf::new(crate::rng::FastRng::seeded());
     loop {
         let filled = tokio::select! {
             biased;
             () = stop.cancelled() => return Vec::new(),
-            filled = rx.fill(&read) => filled,
+            filled = rx.fill(&mut read) => filled,
         };
         match filled {
             Ok(0) => return vec!["publisher: connection closed by the server".into()],
@@ -531,7 +608,7 @@ async fn drain(read: OwnedReadHalf, mut rx: RxBuf, stop: CancellationToken) -> V
 }
 
 async fn publish(
-    mut write: OwnedWriteHalf,
+    mut write: WriteHalf,
     mut tx: TxBuf,
     me: usize,
     shared: Arc<Shared>,
@@ -539,7 +616,10 @@ async fn publish(
     duration: Duration,
     go: CancellationToken,
 ) -> Sent {
-    let mut composer = Composer::plain(args.size);
+    let mut composer = match args.payload {
+        PayloadKind::Plain => Composer::plain(args.size),
+        PayloadKind::Snapshot => Composer::snapshot(args.size, me as u64 + 1),
+    };
     let source = me as u32;
     let publisher = Arc::clone(&shared.publishers[me]);
     // Warm-up until the measurement starts.
@@ -628,10 +708,10 @@ async fn publish(
 /// make the relay close the connection before the measurement ends.
 struct Sent {
     errors: Vec<String>,
-    write: OwnedWriteHalf,
+    write: WriteHalf,
 }
 
-async fn flush(tx: &mut TxBuf, write: &mut OwnedWriteHalf) -> Result<(), String> {
+async fn flush(tx: &mut TxBuf, write: &mut WriteHalf) -> Result<(), String> {
     match tokio::time::timeout(WRITE_TIMEOUT, tx.flush(write)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("publisher: write failed: {e}")),

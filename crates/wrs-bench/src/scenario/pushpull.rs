@@ -17,7 +17,6 @@ use anyhow::ensure;
 use clap::{Args, ValueEnum};
 use parking_lot::Mutex;
 use serde_json::json;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -27,7 +26,7 @@ use crate::payload::{self, Composer, Kind, MIN_JSON_SIZE, Stamp, now_ns};
 use crate::report::Report;
 use crate::target::Target;
 use crate::track::{Arrival, SeqTracker, SharedLatencies, spread_pct};
-use crate::ws::{Frame, RxBuf, TxBuf, WsConn};
+use crate::ws::{Frame, ReadHalf, RxBuf, TxBuf, WriteHalf, WsConn};
 
 /// Longest a single batch may take to write.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -355,9 +354,9 @@ struct ReceiverOut {
 /// producer's read side (`me` set: it also receives the replies to its own
 /// requests).
 async fn receive(
-    read: OwnedReadHalf,
+    mut read: ReadHalf,
     mut rx: RxBuf,
-    mut reply: Option<(OwnedWriteHalf, TxBuf)>,
+    mut reply: Option<(WriteHalf, TxBuf)>,
     me: Option<u32>,
     fan: bool,
     shared: Arc<Shared>,
@@ -383,7 +382,7 @@ async fn receive(
         let read_result = tokio::select! {
             biased;
             () = stop.cancelled() => break,
-            r = rx.fill(&read) => r,
+            r = rx.fill(&mut read) => r,
         };
         match read_result {
             Ok(0) => {
@@ -495,7 +494,7 @@ async fn receive(
 
 #[allow(clippy::too_many_arguments)]
 async fn produce(
-    mut write: OwnedWriteHalf,
+    mut write: WriteHalf,
     mut tx: TxBuf,
     me: usize,
     shared: Arc<Shared>,
@@ -595,10 +594,10 @@ async fn produce(
 /// make the relay close the connection before the measurement ends.
 struct Sent {
     errors: Vec<String>,
-    write: OwnedWriteHalf,
+    write: WriteHalf,
 }
 
-async fn flush(tx: &mut TxBuf, write: &mut OwnedWriteHalf) -> Result<(), String> {
+async fn flush(tx: &mut TxBuf, write: &mut WriteHalf) -> Result<(), String> {
     match tokio::time::timeout(WRITE_TIMEOUT, tx.flush(write)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("producer: write failed: {e}")),

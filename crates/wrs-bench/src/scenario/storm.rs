@@ -287,7 +287,8 @@ pub async fn run(common: &Common, args: &StormArgs) -> anyhow::Result<Report> {
         stay_on.push(api.clone());
     }
 
-    let mut rest = HttpClient::new(api.addr, api.host.clone(), common.connect_timeout());
+    let mut rest =
+        HttpClient::new(api.addr, api.host.clone(), common.connect_timeout()).with_tls(api.tls);
     let crowd_channel = create_channel(&mut rest, &api, "pub-sub").await?;
     let news_channel = create_channel(&mut rest, &api, "pub-sub").await?;
 
@@ -607,7 +608,7 @@ fn split_phases(
 fn watchers(nodes: &[WsUrl], timeout: Duration) -> Vec<HttpClient> {
     nodes
         .iter()
-        .map(|node| HttpClient::new(node.addr, node.host.clone(), timeout))
+        .map(|node| HttpClient::new(node.addr, node.host.clone(), timeout).with_tls(node.tls))
         .collect()
 }
 
