@@ -388,7 +388,12 @@ impl<'a, R: Source, W: AsyncWrite + Unpin + Send> Connection<'a, R, W> {
                 }
                 (reason.code(), reason.text().to_owned())
             }
-            Ending::Violation(error) => (error.close_code(), error.to_string()),
+            Ending::Violation(error) => {
+                // What was relayed to it before the violation (an echo of
+                // its last valid message) still goes first.
+                self.client.outbox.take(&mut self.pending);
+                (error.close_code(), error.to_string())
+            }
             Ending::PeerClosed(code) => {
                 // Answer at once (RFC 6455 §5.5.1): only a frame already
                 // partly written goes first.
