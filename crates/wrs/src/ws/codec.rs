@@ -95,9 +95,8 @@ pub struct Decoder {
     max_message: usize,
     /// permessage-deflate was negotiated: RSV1 marks a compressed message.
     deflate: bool,
-    /// A fragmented message being reassembled: its opcode, whether it is
-    /// compressed, and its data so far.
-    fragment: Option<(OpCode, bool, BytesMut)>,
+    /// A fragmented message being reassembled.
+    fragment: Option<Fragment>,
     /// Bytes of an oversized frame's payload still to be discarded.
     skip: u64,
     /// Total size of the frame at the front of the buffer, once its header
@@ -200,7 +199,7 @@ impl Decoder {
                 }
             } else {
                 let so_far = match (&self.fragment, opcode) {
-                    (Some((_, _, data)), OpCode::Continuation) => data.len() as u64,
+                    (Some(fragment), OpCode::Continuation) => fragment.data.len() as u64,
                     _ => 0,
                 };
                 let size = so_far.saturating_add(payload_len);
@@ -239,22 +238,28 @@ impl Decoder {
                             "new message before the fragmented one finished",
                         ));
                     }
+                    let mut fragment = Fragment {
+                        opcode,
+                        compressed,
+                        data: payload,
+                        checked: 0,
+                    };
                     if fin {
-                        return self
-                            .complete(opcode, compressed, payload.freeze())
-                            .map(Some);
+                        return self.complete(fragment).map(Some);
                     }
-                    self.fragment = Some((opcode, compressed, payload));
+                    fragment.check_utf8()?;
+                    self.fragment = Some(fragment);
                 }
                 OpCode::Continuation => {
-                    let Some((first, compressed, mut data)) = self.fragment.take() else {
+                    let Some(mut fragment) = self.fragment.take() else {
                         return Err(ProtocolError::Violation("continuation without a message"));
                     };
-                    data.extend_from_slice(&payload);
+                    fragment.data.extend_from_slice(&payload);
                     if fin {
-                        return self.complete(first, compressed, data.freeze()).map(Some);
+                        return self.complete(fragment).map(Some);
                     }
-                    self.fragment = Some((first, compressed, data));
+                    fragment.check_utf8()?;
+                    self.fragment = Some(fragment);
                 }
                 OpCode::Ping => return Ok(Some(Event::Ping(payload.freeze()))),
                 OpCode::Pong => return Ok(Some(Event::Pong)),
@@ -265,34 +270,61 @@ impl Decoder {
 
     /// Finishes a data message: inflated if compressed (within the message
     /// limit); text must be valid UTF-8.
-    fn complete(
-        &self,
-        opcode: OpCode,
-        compressed: bool,
-        payload: Bytes,
-    ) -> Result<Event, ProtocolError> {
-        let payload = if compressed {
-            deflate::inflate(&payload, self.max_message).map_err(|error| match error {
-                InflateError::TooLarge => ProtocolError::TooLarge {
-                    size: self.max_message as u64 + 1,
-                    max: self.max_message,
-                },
-                InflateError::Invalid => ProtocolError::InvalidDeflate,
-            })?
+    fn complete(&self, fragment: Fragment) -> Result<Event, ProtocolError> {
+        let Fragment {
+            opcode,
+            compressed,
+            data,
+            checked,
+        } = fragment;
+        let (payload, checked) = if compressed {
+            let inflated =
+                deflate::inflate(&data, self.max_message).map_err(|error| match error {
+                    InflateError::TooLarge => ProtocolError::TooLarge {
+                        size: self.max_message as u64 + 1,
+                        max: self.max_message,
+                    },
+                    InflateError::Invalid => ProtocolError::InvalidDeflate,
+                })?;
+            (inflated, 0)
         } else {
-            payload
+            (data.freeze(), checked)
         };
-        complete(opcode, payload)
+        if opcode == OpCode::Text {
+            // From where the fragments' check stopped (a character boundary).
+            std::str::from_utf8(&payload[checked..]).map_err(|_| ProtocolError::InvalidUtf8)?;
+            Ok(Event::Text(payload))
+        } else {
+            Ok(Event::Binary(payload))
+        }
     }
 }
 
-/// Finishes a data message; text must be valid UTF-8.
-fn complete(opcode: OpCode, payload: Bytes) -> Result<Event, ProtocolError> {
-    if opcode == OpCode::Text {
-        std::str::from_utf8(&payload).map_err(|_| ProtocolError::InvalidUtf8)?;
-        Ok(Event::Text(payload))
-    } else {
-        Ok(Event::Binary(payload))
+/// A message being reassembled from its frames.
+#[derive(Debug)]
+struct Fragment {
+    opcode: OpCode,
+    /// permessage-deflate: inflated (and then checked) once complete.
+    compressed: bool,
+    data: BytesMut,
+    /// Text: the bytes known to be valid UTF-8, up to a character boundary.
+    checked: usize,
+}
+
+impl Fragment {
+    /// Fails fast on text that can no longer become valid UTF-8, whatever
+    /// follows (RFC 6455 §8.1); a character cut at the end of a fragment
+    /// waits for the next one.
+    fn check_utf8(&mut self) -> Result<(), ProtocolError> {
+        if self.opcode != OpCode::Text || self.compressed {
+            return Ok(());
+        }
+        match std::str::from_utf8(&self.data[self.checked..]) {
+            Ok(_) => self.checked = self.data.len(),
+            Err(error) if error.error_len().is_none() => self.checked += error.valid_up_to(),
+            Err(_) => return Err(ProtocolError::InvalidUtf8),
+        }
+        Ok(())
     }
 }
 
@@ -458,6 +490,22 @@ pub(crate) mod tests {
         let (events, err, _) = decode_all(1024, &stream);
         assert_eq!(err, None);
         assert_eq!(events, [Event::Text(Bytes::from("é!"))]);
+    }
+
+    #[test]
+    fn invalid_utf8_fails_at_the_fragment_that_breaks_it() {
+        // The first fragment is valid; the second can never become valid.
+        let mut stream = client_frame(false, 1, "κόσμε".as_bytes());
+        stream.extend(client_frame(false, 0, &[0xF4, 0x90, 0x80, 0x80]));
+        let (events, err, _) = decode_all(1024, &stream);
+        assert_eq!((events.len(), err), (0, Some(ProtocolError::InvalidUtf8)));
+        // A character cut between fragments is not an error until it ends.
+        let mut stream = client_frame(false, 1, &[b'a', 0xE2, 0x82]);
+        let (_, err, _) = decode_all(1024, &stream);
+        assert_eq!(err, None);
+        stream.extend(client_frame(true, 0, &[0xAC]));
+        let (events, err, _) = decode_all(1024, &stream);
+        assert_eq!((events, err), (vec![Event::Text(Bytes::from("a€"))], None));
     }
 
     #[test]
