@@ -136,10 +136,7 @@ async fn upgrade(
                     .map(|v| v.as_bytes()),
             )
         })
-        .and_then(|deflate| {
-            let answer = header::HeaderValue::from_str(&deflate.response()).ok()?;
-            Some((deflate, answer))
-        });
+        .map(|deflate| (deflate, deflate.response()));
     let (deflate, answer) = deflate.unzip();
     let member = reservation.admit(deflate).map_err(|reason| match reason {
         CloseReason::ServerShutdown => connect_error(ConnectError::Draining, &id),

@@ -11,6 +11,7 @@
 //! such an offer is declined. `client_max_window_bits` needs no answer: the
 //! inflater's 32 KiB window takes any window the client uses.
 
+use axum::http::HeaderValue;
 use bytes::Bytes;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
@@ -30,14 +31,16 @@ pub struct Deflate {
 }
 
 impl Deflate {
-    /// The `Sec-WebSocket-Extensions` answer for this negotiation.
-    pub fn response(self) -> String {
-        let mut answer =
-            format!("{EXTENSION}; server_no_context_takeover; client_no_context_takeover");
-        if self.window_bits < MAX_WINDOW_BITS {
-            answer.push_str(&format!("; server_max_window_bits={}", self.window_bits));
+    /// The `Sec-WebSocket-Extensions` answer for this negotiation (static,
+    /// without an allocation, for the default window).
+    pub fn response(self) -> HeaderValue {
+        const ANSWER: &str =
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+        if self.window_bits >= MAX_WINDOW_BITS {
+            return HeaderValue::from_static(ANSWER);
         }
-        answer
+        let answer = format!("{ANSWER}; server_max_window_bits={}", self.window_bits);
+        HeaderValue::try_from(answer).unwrap_or(HeaderValue::from_static(ANSWER))
     }
 }
 
@@ -213,11 +216,9 @@ mod tests {
     fn honours_a_smaller_server_window_and_says_so() {
         let deflate = offer("permessage-deflate; server_max_window_bits=10").unwrap();
         assert_eq!(deflate.window_bits, 10);
-        assert!(
-            deflate.response().ends_with("; server_max_window_bits=10"),
-            "{}",
-            deflate.response()
-        );
+        let answer = deflate.response();
+        let answer = answer.to_str().unwrap();
+        assert!(answer.ends_with("; server_max_window_bits=10"), "{answer}");
         assert_eq!(
             offer(r#"permessage-deflate; server_max_window_bits="12""#).map(|d| d.window_bits),
             Some(12)
