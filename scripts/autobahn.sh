@@ -137,16 +137,12 @@ TITLES = {
 # Why WRS gets a verdict other than OK in these cases (see also
 # crates/wrs/tests/autobahn.rs, which allows exactly these).
 REASONS = [
-    ("A valid message followed at once by a frame that fails the connection: "
-     "WRS closes with 1002, and whether the valid message's echo (which goes "
-     "through the channel and the client's queue) is written first is a race. "
-     "Autobahn prefers the echo first.",
-     ["3.2", "3.3", "3.4", "4.1.3", "4.1.4", "4.1.5", "4.2.3", "4.2.4", "4.2.5",
-      "5.15"]),
-    ("Invalid UTF-8 in a middle fragment: WRS checks UTF-8 once the message "
-     "is complete and closes with 1007 then, not at the offending fragment "
-     "(failing fast is optional, RFC 6455 8.1).",
-     ["6.4.1", "6.4.2", "6.4.3", "6.4.4"]),
+    ("Invalid UTF-8 in the middle of one frame that arrives in chops: WRS "
+     "checks a frame's payload once the frame is complete and closes with "
+     "1007 then, not at the offending chop (failing fast is optional, RFC "
+     "6455 8.1); invalid UTF-8 in a middle fragment (6.4.1-6.4.2) fails at "
+     "that fragment.",
+     ["6.4.3", "6.4.4"]),
     ("A 256 KiB message, a close and a ping back to back: WRS answers the "
      "close before the echo is written; the RFC leaves this open.",
      ["7.1.6"]),
