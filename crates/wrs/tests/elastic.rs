@@ -163,18 +163,7 @@ async fn a_drain_is_paced_and_delivers_what_was_queued_before_each_close() {
     bounded("shutdown", stop).await.unwrap();
     // Paced: no second holds more than RATE closes, and the drain took as
     // long as the rate says.
-    closed_at.sort();
-    let busiest = closed_at
-        .iter()
-        .enumerate()
-        .map(|(i, start)| {
-            closed_at[i..]
-                .iter()
-                .take_while(|at| at.duration_since(*start) < Duration::from_secs(1))
-                .count()
-        })
-        .max()
-        .unwrap();
+    let busiest = busiest_second(&mut closed_at);
     assert!(busiest <= RATE, "{busiest} closes within one second");
     let span = closed_at[CLIENTS - 1].duration_since(closed_at[0]);
     assert!(

@@ -203,6 +203,9 @@ struct Seen {
     /// every job received, over all its connections.
     received: Vec<u64>,
     moves: u32,
+    /// The first 1012: when it came, its reason, and what was received on
+    /// that connection before it.
+    first_close: Option<(Instant, String, Vec<u64>)>,
     /// Anything but a 1012 close, a hello or a numbered message.
     error: Option<String>,
 }
@@ -260,15 +263,22 @@ fn reconnecting(
                     }
                 }
                 Some(Ok(Message::Close(frame))) => {
-                    let code = frame.map(|f| u16::from(f.code));
-                    if code == Some(1012) {
-                        record.lock().unwrap().moves += 1;
+                    let close = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+                    if let Some((1012, reason)) = &close {
+                        {
+                            let mut seen = record.lock().unwrap();
+                            seen.moves += 1;
+                            if seen.first_close.is_none() {
+                                let before = seen.received.clone();
+                                seen.first_close = Some((Instant::now(), reason.clone(), before));
+                            }
+                        }
                         let jitter = rand::rng().random_range(0..1000);
                         tokio::time::sleep(Duration::from_millis(jitter)).await;
                         ws = connect_with_retry(&url).await;
                         continue;
                     }
-                    format!("closed with {code:?}")
+                    format!("closed with {close:?}")
                 }
                 Some(Ok(_)) => continue,
                 other => format!("connection ended: {other:?}"),
@@ -498,7 +508,7 @@ async fn a_node_stopped_under_traffic_drains_at_its_pace_onto_the_others() {
         let (ws, _) = bounded("connect", tokio_tungstenite::connect_async(&url))
             .await
             .unwrap();
-        let (seen, task) = drained_subscriber(ws, url.clone(), published.clone());
+        let (seen, task) = reconnecting(ws, url.clone(), Some(published.clone()));
         subscribers.push(seen);
         tasks.push(task);
     }
@@ -564,7 +574,7 @@ async fn a_node_stopped_under_traffic_drains_at_its_pace_onto_the_others() {
     let _ = tokio::time::timeout(Duration::from_secs(20), async {
         while !subscribers.iter().all(|s| {
             let s = s.lock().unwrap();
-            s.seen.error.is_some() || s.seen.received.last() == Some(&last)
+            s.error.is_some() || s.received.last() == Some(&last)
         }) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -576,8 +586,9 @@ async fn a_node_stopped_under_traffic_drains_at_its_pace_onto_the_others() {
     let mut closed_at = Vec::new();
     for (i, subscriber) in subscribers.iter().enumerate() {
         let s = subscriber.lock().unwrap();
-        assert_eq!(s.seen.error, None, "subscriber {i}");
-        let (at, before_close) = s.closed.as_ref().expect("closed by node A");
+        assert_eq!(s.error, None, "subscriber {i}");
+        let (at, reason, before_close) = s.first_close.as_ref().expect("closed by node A");
+        assert_eq!(reason, "draining");
         closed_at.push(*at);
         assert!(
             *at >= signalled + Duration::from_millis(1500),
@@ -592,25 +603,14 @@ async fn a_node_stopped_under_traffic_drains_at_its_pace_onto_the_others() {
         );
         assert!(before_close.len() as u64 >= before_signal, "subscriber {i}");
         // And on its new node everything published since its hello.
-        let missing: Vec<u64> = (s.seen.since..messages)
-            .filter(|n| s.seen.received.binary_search(n).is_err())
+        let missing: Vec<u64> = (s.since..messages)
+            .filter(|n| s.received.binary_search(n).is_err())
             .collect();
         assert!(missing.is_empty(), "subscriber {i} missed {missing:?}");
-        assert_eq!(s.seen.moves, 1, "subscriber {i}");
+        assert_eq!(s.moves, 1, "subscriber {i}");
     }
     // Paced: no second holds more than the rate.
-    closed_at.sort();
-    let busiest = closed_at
-        .iter()
-        .enumerate()
-        .map(|(i, start)| {
-            closed_at[i..]
-                .iter()
-                .take_while(|at| at.duration_since(*start) < Duration::from_secs(1))
-                .count()
-        })
-        .max()
-        .unwrap();
+    let busiest = busiest_second(&mut closed_at);
     let span = closed_at[CLIENTS - 1].duration_since(closed_at[0]);
     eprintln!(
         "not ready {not_ready_after:?} after SIGTERM; {CLIENTS} closes over {span:?}, at most {busiest} in a second; {messages} messages"
@@ -620,70 +620,4 @@ async fn a_node_stopped_under_traffic_drains_at_its_pace_onto_the_others() {
         span >= Duration::from_secs_f64((CLIENTS - RATE) as f64 / RATE as f64),
         "{span:?}"
     );
-}
-
-/// A subscriber of a node about to be stopped: what it saw before its
-/// close frame (when that came) and after it reconnected.
-#[derive(Default)]
-struct Drained {
-    closed: Option<(Instant, Vec<u64>)>,
-    seen: Seen,
-}
-
-fn drained_subscriber(
-    mut ws: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-    url: String,
-    published: Arc<AtomicU64>,
-) -> (Arc<Mutex<Drained>>, tokio::task::JoinHandle<()>) {
-    let state = Arc::new(Mutex::new(Drained::default()));
-    let record = state.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let failure = match ws.next().await {
-                Some(Ok(Message::Text(text))) => {
-                    let mut state = record.lock().unwrap();
-                    if text.contains(r#""type":"hello""#) {
-                        state.seen.since = published.load(Ordering::SeqCst) + 1;
-                        state.seen.received.clear();
-                        continue;
-                    }
-                    match text.strip_prefix('m').and_then(|n| n.parse().ok()) {
-                        Some(n) => {
-                            state.seen.received.push(n);
-                            continue;
-                        }
-                        None => format!("unexpected text {text}"),
-                    }
-                }
-                Some(Ok(Message::Close(frame))) => {
-                    let close = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
-                    let first_drain = {
-                        let mut state = record.lock().unwrap();
-                        let first =
-                            close == Some((1012, "draining".to_owned())) && state.closed.is_none();
-                        if first {
-                            let received = std::mem::take(&mut state.seen.received);
-                            state.closed = Some((Instant::now(), received));
-                            state.seen.moves += 1;
-                        }
-                        first
-                    };
-                    if first_drain {
-                        let jitter = rand::rng().random_range(0..1000);
-                        tokio::time::sleep(Duration::from_millis(jitter)).await;
-                        ws = connect_with_retry(&url).await;
-                        continue;
-                    }
-                    format!("closed with {close:?}")
-                }
-                Some(Ok(_)) => continue,
-                other => format!("connection ended: {other:?}"),
-            };
-            record.lock().unwrap().seen.error = Some(failure);
-            return;
-        }
-    });
-    (state, task)
 }

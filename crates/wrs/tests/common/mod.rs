@@ -62,6 +62,20 @@ where
     .await
 }
 
+/// Sorts `times` and returns the most of them within any one second.
+pub fn busiest_second(times: &mut [tokio::time::Instant]) -> usize {
+    times.sort();
+    (0..times.len())
+        .map(|i| {
+            times[i..]
+                .iter()
+                .take_while(|at| at.duration_since(times[i]) < Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// An HTTP client. Tests use rustls with the ring provider (as the server
 /// does), installed once per process.
 pub fn http_client() -> reqwest::Client {
