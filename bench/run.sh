@@ -77,19 +77,10 @@ rundir=$root/target/bench/run
 rm -rf "$profiles" "$rundir"
 mkdir -p "$results" "$cluster_results" "$profiles" "$rundir"
 
-log() { printf '== %s\n' "$*" >&2; }
-have() { command -v "$1" >/dev/null 2>&1; }
-as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 
 # --- tools -----------------------------------------------------------------
-apt_updated=
-apt_install() {
-  if [ -z "$apt_updated" ]; then
-    as_root apt-get update -qq
-    apt_updated=1
-  fi
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
-}
 have taskset || apt_install util-linux
 have pgrep || apt_install procps
 have curl || apt_install curl
@@ -155,13 +146,7 @@ server_pid=
 server_cpu_pid=
 # stop_server [SECONDS]: SIGTERM, then SIGKILL after SECONDS (default 10).
 stop_server() {
-  local grace=${1:-10}
-  if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
-    kill -TERM "$server_pid" 2>/dev/null || true
-    for _ in $(seq $((grace * 10))); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-  fi
+  stop_pid "$server_pid" "${1:-10}"
   server_pid=
   server_cpu_pid=
 }
@@ -169,16 +154,7 @@ trap stop_server EXIT
 
 # wait_port PORT [PID]: until PORT accepts, while PID (default: the
 # server) lives.
-wait_port() {
-  local pid=${2:-$server_pid}
-  for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  echo "server on port $1 did not start" >&2
-  return 1
-}
+wait_port() { await_port "$1" "${2:-$server_pid}"; }
 
 start_wrs() {
   WRS_API_PORT=$WRS_PORT WRS_DRAIN_DELAY_MS=0 WRS_BIND_ADDRESS=127.0.0.1 WRS_LOG=warn \

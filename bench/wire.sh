@@ -70,17 +70,8 @@ started=$(date -u '+%Y-%m-%d %H:%M UTC')
 rm -rf "$out" "$rundir"
 mkdir -p "$out"/{compress,fanout,tls,idle} "$rundir"
 
-log() { printf '== %s\n' "$*" >&2; }
-have() { command -v "$1" >/dev/null 2>&1; }
-as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
-apt_updated=
-apt_install() {
-  if [ -z "$apt_updated" ]; then
-    as_root apt-get update -qq
-    apt_updated=1
-  fi
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
-}
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 peer() { case " $PEERS " in *" $1 "*) return 0 ;; *) return 1 ;; esac }
 part() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac }
 
@@ -130,26 +121,13 @@ openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=127.0.0.1 \
 server_pid=
 cpu_pid=
 stop_server() {
-  if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
-    kill -TERM "$server_pid" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-  fi
+  stop_pid "$server_pid"
   server_pid=
   cpu_pid=
 }
 trap stop_server EXIT
 
-wait_port() { # PORT
-  for _ in $(seq 150); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    kill -0 "$server_pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  echo "server on port $1 did not start" >&2
-  return 1
-}
+wait_port() { await_port "$1" "$server_pid" 150; }
 
 # start_wrs [ENV=VALUE...]
 start_wrs() {
