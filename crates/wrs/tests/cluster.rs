@@ -1193,14 +1193,7 @@ async fn the_smallest_channel_limit_of_the_live_nodes_applies_cluster_wide() {
     let nats = NatsServer::start().await;
     let options = NodeOptions::new(nats.url());
     let node_with = |id: &'static str, max: u32| {
-        let (urls, prefix) = (options.urls.clone(), options.prefix.clone());
-        TestServer::with(move |c| {
-            c.nats_url = Some(urls);
-            c.cluster = prefix;
-            c.node_id = Some(id.to_owned());
-            c.cluster_heartbeat_ms = 200;
-            c.max_channels = max;
-        })
+        common::nats::node_with(&options, id, move |c| c.max_channels = max)
     };
     let a = node_with("node-a", 5).await;
     let b = node_with("node-b", 3).await;

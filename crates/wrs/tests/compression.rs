@@ -377,18 +377,9 @@ async fn compressed_frames_break_the_protocol_where_rfc_7692_forbids_them() {
 async fn a_broadcast_from_another_node_is_compressed_once_on_the_receiving_node() {
     let nats = common::nats::NatsServer::start().await;
     let options = common::nats::NodeOptions::new(nats.url());
-    let start = |id: &'static str| {
-        let (urls, prefix) = (options.urls.clone(), options.prefix.clone());
-        TestServer::with(move |c| {
-            c.nats_url = Some(urls);
-            c.cluster = prefix;
-            c.node_id = Some(id.to_owned());
-            c.cluster_heartbeat_ms = 200;
-            c.compression = true;
-        })
-    };
-    let a = start("node-a").await;
-    let b = start("node-b").await;
+    let compressing = |c: &mut wrs::Config| c.compression = true;
+    let a = common::nats::node_with(&options, "node-a", compressing).await;
+    let b = common::nats::node_with(&options, "node-b", compressing).await;
     let channel = a.create_pattern("pub-sub").await;
     let mut on_b = Vec::new();
     for _ in 0..3 {

@@ -122,13 +122,8 @@ async fn start_node(
     ports: &Ports,
     tweak: fn(&mut wrs::Config),
 ) -> TestServer {
-    let (urls, prefix, id) = (options.urls.clone(), options.prefix.clone(), id.to_owned());
     let (api, agent) = (ports.api, ports.agent);
-    TestServer::with(move |c| {
-        c.nats_url = Some(urls);
-        c.cluster = prefix;
-        c.node_id = Some(id);
-        c.cluster_heartbeat_ms = 200;
+    common::nats::node_with(options, id, |c| {
         c.api_port = api;
         c.agent_port = Some(agent);
         tweak(c);

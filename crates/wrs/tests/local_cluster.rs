@@ -373,6 +373,33 @@ impl Cluster {
         agreed
     }
 
+    /// Connects plain clients through the balancer until `peers` holds `n`.
+    async fn top_up(&self, channel: &(String, String), peers: &mut Vec<Peer>, n: usize) {
+        while peers.len() < n {
+            let (id, ws) = self.connect(channel, false).await;
+            peers.push(Peer {
+                id,
+                node: String::new(),
+                ws,
+            });
+        }
+    }
+
+    /// Waits until every running node lists exactly `peers` in the channel,
+    /// notes each one's node and returns the roster.
+    async fn locate(
+        &self,
+        channel: &(String, String),
+        peers: &mut [Peer],
+    ) -> BTreeMap<String, String> {
+        let ids: BTreeSet<String> = peers.iter().map(|p| p.id.clone()).collect();
+        let roster = self.wait_roster(&channel.0, &ids).await;
+        for peer in peers {
+            peer.node = roster[&peer.id].clone();
+        }
+        roster
+    }
+
     /// Connects clients through the balancer until the channel has at
     /// least `n` and they sit on at least two nodes; the first one over
     /// TLS when `first_over_tls`. Every node knows every client on return.
@@ -389,11 +416,7 @@ impl Cluster {
             if peers.len() < n {
                 continue;
             }
-            let ids: BTreeSet<String> = peers.iter().map(|p| p.id.clone()).collect();
-            let roster = self.wait_roster(&channel.0, &ids).await;
-            for peer in &mut peers {
-                peer.node = roster[&peer.id].clone();
-            }
+            let roster = self.locate(channel, &mut peers).await;
             let nodes: BTreeSet<&String> = roster.values().collect();
             if nodes.len() >= 2 {
                 return peers;
@@ -947,18 +970,9 @@ async fn a_stopped_node_moves_its_clients_and_the_channel_survives() {
     );
 
     // The moved clients reconnect through nginx, to the other nodes.
-    while peers.len() < n {
-        let (id, ws) = cluster.connect(&channel, false).await;
-        peers.push(Peer {
-            id,
-            node: String::new(),
-            ws,
-        });
-    }
-    let ids: BTreeSet<String> = peers.iter().map(|p| p.id.clone()).collect();
-    let roster = cluster.wait_roster(&channel.0, &ids).await;
-    for peer in &mut peers {
-        peer.node = roster[&peer.id].clone();
+    cluster.top_up(&channel, &mut peers, n).await;
+    cluster.locate(&channel, &mut peers).await;
+    for peer in &peers {
         assert_ne!(peer.node, victim, "a client on the stopped node");
     }
     // The channel still exists (asked through the balancer) and the
@@ -1079,20 +1093,9 @@ async fn haproxy_spreads_a_channel_and_moves_a_stopped_nodes_clients_to_the_othe
     // least connections puts two on each node.
     let channel = cluster.create("pub-sub").await;
     let mut peers = Vec::new();
-    for _ in 0..6 {
-        let (id, ws) = cluster.connect(&channel, false).await;
-        peers.push(Peer {
-            id,
-            node: String::new(),
-            ws,
-        });
-    }
-    let n = peers.len();
-    let ids: BTreeSet<String> = peers.iter().map(|p| p.id.clone()).collect();
-    let roster = cluster.wait_roster(&channel.0, &ids).await;
-    for peer in &mut peers {
-        peer.node = roster[&peer.id].clone();
-    }
+    let n = 6;
+    cluster.top_up(&channel, &mut peers, n).await;
+    let roster = cluster.locate(&channel, &mut peers).await;
     let two_each: BTreeMap<String, usize> = nodes.iter().map(|n| (n.to_string(), 2)).collect();
     assert_eq!(per_node(&roster), two_each, "least connections: {roster:?}");
     // The agents report the load: 2 of 100 connections taken.
@@ -1136,19 +1139,8 @@ async fn haproxy_spreads_a_channel_and_moves_a_stopped_nodes_clients_to_the_othe
     );
 
     // They reconnect through HAProxy: one to each of the other two.
-    while peers.len() < n {
-        let (id, ws) = cluster.connect(&channel, false).await;
-        peers.push(Peer {
-            id,
-            node: String::new(),
-            ws,
-        });
-    }
-    let ids: BTreeSet<String> = peers.iter().map(|p| p.id.clone()).collect();
-    let roster = cluster.wait_roster(&channel.0, &ids).await;
-    for peer in &mut peers {
-        peer.node = roster[&peer.id].clone();
-    }
+    cluster.top_up(&channel, &mut peers, n).await;
+    let roster = cluster.locate(&channel, &mut peers).await;
     let three_each: BTreeMap<String, usize> = nodes
         .iter()
         .filter(|n| **n != victim)

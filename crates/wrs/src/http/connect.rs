@@ -123,21 +123,15 @@ async fn upgrade(
         .map_err(|e| connect_error(e, &id))?;
     // permessage-deflate, when offered and compression is on: what the
     // client is told and what its connection does come from one answer.
-    let deflate = app
-        .relay
-        .settings()
-        .compress_from
-        .and_then(|_| {
-            ws::deflate::negotiate(
-                request
-                    .headers()
-                    .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
-                    .iter()
-                    .map(|v| v.as_bytes()),
-            )
-        })
-        .map(|deflate| (deflate, deflate.response()));
-    let (deflate, answer) = deflate.unzip();
+    let deflate = app.relay.settings().compress_from.and_then(|_| {
+        ws::deflate::negotiate(
+            request
+                .headers()
+                .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+                .iter()
+                .map(|v| v.as_bytes()),
+        )
+    });
     let member = reservation.admit(deflate).map_err(|reason| match reason {
         CloseReason::ServerShutdown => connect_error(ConnectError::Draining, &id),
         _ => connect_error(ConnectError::NotFound, &id),
@@ -151,10 +145,10 @@ async fn upgrade(
         }
     });
     let mut response = switching_protocols(accept)?;
-    if let Some(answer) = answer {
+    if let Some(deflate) = deflate {
         response
             .headers_mut()
-            .insert(header::SEC_WEBSOCKET_EXTENSIONS, answer);
+            .insert(header::SEC_WEBSOCKET_EXTENSIONS, deflate.response());
     }
     Ok(response)
 }

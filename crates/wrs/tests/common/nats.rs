@@ -226,6 +226,16 @@ impl NodeOptions {
 
 /// An in-process `wrs` node.
 pub async fn node(options: &NodeOptions, id: &str) -> TestServer {
+    node_with(options, id, |_| {}).await
+}
+
+/// An in-process `wrs` node with `tweak` applied to its configuration
+/// after the cluster settings.
+pub async fn node_with(
+    options: &NodeOptions,
+    id: &str,
+    tweak: impl FnOnce(&mut wrs::Config),
+) -> TestServer {
     let (urls, prefix, id) = (options.urls.clone(), options.prefix.clone(), id.to_owned());
     let (heartbeat, replicas) = (options.heartbeat_ms, options.replicas);
     let connect_timeout = options.connect_timeout_ms;
@@ -236,6 +246,7 @@ pub async fn node(options: &NodeOptions, id: &str) -> TestServer {
         c.cluster_heartbeat_ms = heartbeat;
         c.nats_kv_replicas = replicas;
         c.nats_connect_timeout_ms = connect_timeout;
+        tweak(c);
     })
     .await
 }
