@@ -115,6 +115,11 @@ pub struct Config {
     #[arg(long, env = "WRS_SLOW_CONSUMER", value_enum, default_value_t = SlowConsumerPolicy::Close)]
     pub slow_consumer: SlowConsumerPolicy,
 
+    /// Interval between keepalive comments on each Server-Sent Events stream, in ms (100-3600000).
+    #[arg(long, env = "WRS_SSE_KEEPALIVE_MS", default_value_t = 15_000,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub sse_keepalive_ms: u64,
+
     /// Interval between pings to each client, in ms; a client silent for two intervals is disconnected (100-3600000).
     #[arg(long, env = "WRS_PING_INTERVAL_MS", default_value_t = 30_000,
           value_parser = clap::value_parser!(u64).range(100..=3_600_000))]

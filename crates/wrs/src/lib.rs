@@ -22,6 +22,7 @@ pub mod listen;
 pub mod metrics;
 pub mod relay;
 pub mod serve;
+pub mod sse;
 pub mod telemetry;
 pub mod tls;
 pub mod ws;

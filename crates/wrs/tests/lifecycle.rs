@@ -180,8 +180,9 @@ async fn clients_are_listed_in_join_order_and_removed_when_they_leave() {
         format!("3 client(s) connected to channel {}", channel.id)
     );
     for client in body["data"].as_array().unwrap() {
-        assert_eq!(client.as_object().unwrap().len(), 2);
+        assert_eq!(client.as_object().unwrap().len(), 3);
         assert!(client["connectedAt"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(client["transport"], "websocket");
     }
     let unique: std::collections::HashSet<_> = ids.iter().collect();
     assert_eq!(unique.len(), 3);

@@ -39,6 +39,7 @@ use super::records::{
 use super::store::{Seen, Versioned};
 use super::{MISSED_HEARTBEATS, NatsCoordinator};
 use crate::relay::channel::Channel;
+use crate::relay::client::Transport;
 use crate::relay::clock::{epoch_ms, from_epoch_ms};
 use crate::relay::coordinator::{CoordinatorError, JoinRefusal, Listed};
 use crate::relay::ids::{ChannelId, ClientId};
@@ -141,6 +142,7 @@ enum Change {
     /// A new client of this node: its id, or why there is no place.
     Join {
         limit: Option<u32>,
+        sse: bool,
         done: oneshot::Sender<Result<ClientId, JoinRefusal>>,
     },
     /// A client of this node left.
@@ -293,7 +295,7 @@ fn apply(
     };
     for change in batch {
         let outcome = match change {
-            Change::Join { limit, .. } => {
+            Change::Join { limit, sse, .. } => {
                 flush(part, &mut leaving);
                 let total = others + part.len as u64;
                 match limit {
@@ -310,6 +312,7 @@ fn apply(
                         part.add(Member {
                             id,
                             at: epoch_ms(SystemTime::now()),
+                            sse: *sse,
                         });
                         Outcome::Joined(id)
                     }
@@ -354,6 +357,7 @@ impl NatsCoordinator {
     pub(super) async fn join_channel(
         &self,
         channel: &Arc<Channel>,
+        transport: Transport,
     ) -> Result<ClientId, JoinRefusal> {
         self.ensure_interest(channel).await?;
         let (done, outcome) = oneshot::channel();
@@ -361,6 +365,7 @@ impl NatsCoordinator {
             channel.id(),
             Change::Join {
                 limit: channel.spec().client_limit,
+                sse: transport == Transport::Sse,
                 done,
             },
         );
@@ -756,9 +761,10 @@ impl NatsCoordinator {
                 channel
                     .clients()
                     .into_iter()
-                    .map(|(id, at)| Member {
+                    .map(|(id, at, transport)| Member {
                         id,
                         at: epoch_ms(at),
+                        sse: transport == Transport::Sse,
                     })
                     .collect()
             })
@@ -825,6 +831,11 @@ impl NatsCoordinator {
                         id: m.id,
                         node: Some(node.clone()),
                         connected_at: from_epoch_ms(m.at),
+                        transport: if m.sse {
+                            Transport::Sse
+                        } else {
+                            Transport::WebSocket
+                        },
                     })
                 })
                 .collect(),
@@ -1026,6 +1037,7 @@ mod tests {
     fn join(limit: Option<u32>) -> Change {
         Change::Join {
             limit,
+            sse: false,
             done: oneshot::channel().0,
         }
     }
@@ -1049,6 +1061,7 @@ mod tests {
         Member {
             id: ClientId::from_raw(raw),
             at,
+            sse: false,
         }
     }
 

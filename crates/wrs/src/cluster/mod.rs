@@ -30,6 +30,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use dashmap::DashSet;
 use parking_lot::Mutex;
 
@@ -38,12 +39,13 @@ use crate::metrics::Metrics;
 use crate::relay::Delivered;
 use crate::relay::NodeState;
 use crate::relay::channel::Channel;
+use crate::relay::client::Transport;
 use crate::relay::coordinator::{
     Claim, ClusterSummary, CommandError, Coordinator, CoordinatorError, EndReason, Ended,
     EvictError, ExpiryCheck, Handle, JoinRefusal, Listed, NodeCommand, NodeInfo, SharedChannel,
     Tasks,
 };
-use crate::relay::deliver::{Outlet, Prepared};
+use crate::relay::deliver::{Outlet, Prepared, Source};
 use crate::relay::ids::{ChannelId, ClientId};
 use crate::relay::subprotocol::FrameError;
 use connect::Store;
@@ -317,8 +319,12 @@ impl Coordinator for NatsCoordinator {
         self.forget_channel(id);
     }
 
-    async fn join(&self, channel: &Arc<Channel>) -> Result<Option<ClientId>, JoinRefusal> {
-        self.join_channel(channel).await.map(Some)
+    async fn join(
+        &self,
+        channel: &Arc<Channel>,
+        transport: Transport,
+    ) -> Result<Option<ClientId>, JoinRefusal> {
+        self.join_channel(channel, transport).await.map(Some)
     }
 
     fn left(&self, channel: &Arc<Channel>, id: Option<ClientId>) {
@@ -337,10 +343,29 @@ impl Coordinator for NatsCoordinator {
         &self,
         outlet: &Outlet<'_>,
         channel: &Channel,
-        sender: ClientId,
+        source: Source,
         prepared: &Prepared,
     ) -> Result<Delivered, FrameError> {
-        self.relay_message(outlet, channel, sender, prepared)
+        self.relay_message(outlet, channel, source, prepared)
+    }
+
+    async fn open_call(&self, origin: ClientId) -> Result<(), CoordinatorError> {
+        self.listen_for_reply(origin).await
+    }
+
+    fn close_call(&self, origin: ClientId) {
+        self.stop_listening(origin);
+    }
+
+    fn answer_elsewhere(
+        &self,
+        channel: &Channel,
+        sender: ClientId,
+        origin: ClientId,
+        reply: Bytes,
+    ) -> Result<(), FrameError> {
+        self.send_reply(channel.id(), sender, origin, reply);
+        Ok(())
     }
 
     fn note_activity(&self, channel: &Arc<Channel>) {

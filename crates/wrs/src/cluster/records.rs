@@ -21,6 +21,7 @@ use crate::relay::NodeState;
 use crate::relay::channel::ChannelSpec;
 use crate::relay::clock::{epoch_ms, from_epoch_ms};
 use crate::relay::coordinator::{EndReason, SharedChannel};
+use crate::relay::history::HistorySpec;
 use crate::relay::ids::{ChannelId, ClientId, TokenDigest};
 use crate::relay::pattern::{Pattern, Roster};
 
@@ -33,6 +34,9 @@ pub struct ChannelRecord {
     pub client_limit: Option<u32>,
     pub timeout_ms: Option<u64>,
     pub welcome: bool,
+    /// `[size, ttl in ms]` of a channel that keeps history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<(u32, u64)>,
     pub token_sha256: String,
     pub created_at_ms: u64,
     pub created_by: String,
@@ -51,6 +55,7 @@ impl ChannelRecord {
             client_limit: spec.client_limit,
             timeout_ms: spec.timeout.map(|t| t.as_millis() as u64),
             welcome: spec.welcome,
+            history: spec.history.map(|h| (h.size, h.ttl.as_millis() as u64)),
             token_sha256: channel.token.to_hex(),
             created_at_ms: epoch_ms(channel.created_at),
             created_by: channel.created_by.clone(),
@@ -65,6 +70,10 @@ impl ChannelRecord {
             client_limit: self.client_limit,
             timeout: self.timeout_ms.map(Duration::from_millis),
             welcome: self.welcome,
+            history: self.history.map(|(size, ttl)| HistorySpec {
+                size,
+                ttl: Duration::from_millis(ttl),
+            }),
         };
         Some(SharedChannel {
             spec,
@@ -81,6 +90,9 @@ pub struct Member {
     pub id: ClientId,
     /// When it connected (or its place was taken), ms since the epoch.
     pub at: u64,
+    /// A Server-Sent Events client (not a WebSocket).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sse: bool,
 }
 
 /// The most clients one segment holds: a roster write carries at most
@@ -205,6 +217,7 @@ mod tests {
         Member {
             id: ClientId::from_raw(raw),
             at: raw,
+            sse: false,
         }
     }
 
@@ -251,6 +264,7 @@ mod tests {
             client_limit: Some(5),
             timeout: Some(Duration::from_secs(60)),
             welcome: true,
+            history: None,
         };
         let shared = SharedChannel {
             spec,

@@ -5,6 +5,10 @@
 //!   NATS carries one copy per interested node, never one per client.
 //! - `<prefix>.node.<node>` — messages for one client on that node
 //!   (round-robin picks and replies), headers naming the target.
+//! - `<prefix>.call.<origin>` — replies to an HTTP call, sent as NATS
+//!   requests: the node where the call waits subscribes while it waits and
+//!   answers whether it took the reply, so a reply nobody takes gets its
+//!   sender the usual error frame.
 //!
 //! Routing is the same pure [`pattern::route`] as standalone, over the
 //! cluster roster. Publishing never waits: messages go through a bounded
@@ -28,7 +32,7 @@ use super::NatsCoordinator;
 use crate::relay::Delivered;
 use crate::relay::channel::Channel;
 use crate::relay::coordinator::{CoordinatorError, JoinRefusal};
-use crate::relay::deliver::{Fallback, Inbound, Outlet, Prepared, unknown_origin};
+use crate::relay::deliver::{Fallback, Inbound, Outlet, Prepared, Source, unknown_origin};
 use crate::relay::ids::{ChannelId, ClientId};
 use crate::relay::pattern::{self, Intent, Receivers, Roster};
 use crate::relay::subprotocol::FrameError;
@@ -46,6 +50,16 @@ const MODE: &str = "Wrs-Mode";
 /// Set on a round-robin pick passed on by a node that had nobody to take
 /// it: it is not passed on again.
 const PASSED_ON: &str = "Wrs-Passed-On";
+
+/// Set on a message with an offset in its channel's history.
+const OFFSET: &str = "Wrs-Offset";
+
+/// How long a reply to a call elsewhere waits to learn whether it was
+/// taken before its sender is told it was not.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// A call's answer to a reply: taken, or already answered.
+const TAKEN: &[u8] = b"1";
+const NOT_TAKEN: &[u8] = b"0";
 
 /// How a message for one client is handled if that client is gone.
 const MODE_PICK: &str = "pick";
@@ -66,6 +80,9 @@ pub(super) struct Transport {
     interest: DashMap<ChannelId, CancellationToken>,
     /// Turns for picks passed on to other nodes.
     passed_on: AtomicUsize,
+    /// HTTP calls waiting on this node, with the token that ends their
+    /// reply subscription.
+    calls: DashMap<ClientId, CancellationToken>,
     outgoing_tx: mpsc::Sender<Outgoing>,
     outgoing_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
 }
@@ -76,24 +93,28 @@ impl Transport {
         Self {
             interest: DashMap::new(),
             passed_on: AtomicUsize::new(0),
+            calls: DashMap::new(),
             outgoing_tx,
             outgoing_rx: Mutex::new(Some(outgoing_rx)),
         }
     }
 }
 
-fn headers(channel: &ChannelId, sender: ClientId, opcode: OpCode) -> HeaderMap {
+fn headers(channel: &ChannelId, sender: ClientId, prepared: &Prepared) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert(CHANNEL, channel.as_str());
     headers.insert(SENDER, sender.to_string().as_str());
     headers.insert(
         KIND,
-        if opcode == OpCode::Binary {
+        if prepared.opcode == OpCode::Binary {
             "binary"
         } else {
             "text"
         },
     );
+    if let Some(offset) = prepared.offset {
+        headers.insert(OFFSET, offset.to_string().as_str());
+    }
     headers
 }
 
@@ -210,6 +231,87 @@ impl NatsCoordinator {
         });
     }
 
+    /// Reply subject of an HTTP call.
+    fn call_subject(&self, origin: ClientId) -> String {
+        format!("{}.call.{origin}", self.prefix)
+    }
+
+    /// Subscribes to the replies for a call waiting on this node; the
+    /// subscription is in place at the server before this returns.
+    pub(super) async fn listen_for_reply(&self, origin: ClientId) -> Result<(), CoordinatorError> {
+        let unavailable = |e: String| CoordinatorError::Unavailable(e);
+        let mut subscriber = self
+            .store
+            .client
+            .subscribe(self.call_subject(origin))
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        self.store
+            .client
+            .flush()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let (Some(tasks), Some(handle)) = (self.tasks(), self.handle().cloned()) else {
+            return Err(unavailable("the node is stopping".to_owned()));
+        };
+        let stop = tasks.stop().child_token();
+        self.transport.calls.insert(origin, stop.clone());
+        let client = self.store.client.clone();
+        self.spawn(async move {
+            let answer = async {
+                while let Some(message) = subscriber.next().await {
+                    let taken = handle.answer_call(origin, message.payload.clone());
+                    if let Some(reply_to) = message.reply {
+                        let answer = if taken { TAKEN } else { NOT_TAKEN };
+                        // Best effort: without it the sender's node times out.
+                        let _ = client.publish(reply_to, Bytes::from_static(answer)).await;
+                    }
+                }
+            };
+            stop.run_until_cancelled(answer).await;
+        });
+        Ok(())
+    }
+
+    /// The call for `origin` ended: its reply subscription goes.
+    pub(super) fn stop_listening(&self, origin: ClientId) {
+        if let Some((_, stop)) = self.transport.calls.remove(&origin) {
+            stop.cancel();
+        }
+    }
+
+    /// Sends a reply from this node's client `sender` to the call for
+    /// `origin` on whichever node it waits; if none takes it, `sender`
+    /// gets the error frame a reply to an unknown origin gets.
+    pub(super) fn send_reply(
+        &self,
+        channel: &ChannelId,
+        sender: ClientId,
+        origin: ClientId,
+        reply: Bytes,
+    ) {
+        let Some(handle) = self.handle().cloned() else {
+            return;
+        };
+        let client = self.store.client.clone();
+        let subject = self.call_subject(origin);
+        let channel = channel.clone();
+        self.spawn(async move {
+            let request = client.request(subject, reply);
+            let taken = matches!(
+                tokio::time::timeout(REPLY_TIMEOUT, request).await,
+                Ok(Ok(answer)) if answer.payload.as_ref() == TAKEN
+            );
+            if !taken {
+                handle.frame_error(
+                    &channel,
+                    sender,
+                    &FrameError::UnknownOrigin(origin.to_string()),
+                );
+            }
+        });
+    }
+
     /// Subscribes to a channel's broadcasts unless already subscribed; the
     /// subscription is in place at the server before this returns.
     pub(super) async fn ensure_interest(&self, channel: &Channel) -> Result<(), JoinRefusal> {
@@ -267,17 +369,22 @@ impl NatsCoordinator {
         &self,
         outlet: &Outlet<'_>,
         channel: &Channel,
-        sender: ClientId,
+        source: Source,
         prepared: &Prepared,
     ) -> Result<Delivered, FrameError> {
         let Some((roster, others)) = self.roster(channel.id()) else {
-            return outlet.route_locally(channel, sender, prepared);
+            return outlet.route_locally(channel, source, prepared);
         };
-        let Some(sender_at) = roster.position(sender) else {
-            // Not in the shared roster yet (or any more): this node's view.
-            return outlet.route_locally(channel, sender, prepared);
+        let sender = source.id();
+        let sender_at = match source {
+            Source::Client(id) => match roster.position(id) {
+                Some(at) => Some(at),
+                // Not in the shared roster yet (or any more): this node's view.
+                None => return outlet.route_locally(channel, source, prepared),
+            },
+            Source::Outside(_) => None,
         };
-        let frame = outlet.frame(prepared.opcode, prepared.payload.clone());
+        let frame = outlet.frame_of(prepared);
         let mut attempts = roster.len();
         loop {
             let receivers = pattern::route(
@@ -292,19 +399,20 @@ impl NatsCoordinator {
                 Receivers::Nobody => return Ok(Delivered::default()),
                 Receivers::Sender => {
                     let delivered = outlet.offer_to(channel, sender, &frame);
-                    return Ok(prepared.delivered(u64::from(delivered)));
+                    return Ok(prepared.delivered_to(sender, delivered));
                 }
                 Receivers::AllButSender => {
                     let frames = outlet.offer_all_but(channel, Some(sender), &frame);
                     if others {
                         self.send(Outgoing {
                             subject: self.all_subject(channel.id()),
-                            headers: headers(channel.id(), sender, prepared.opcode),
+                            headers: headers(channel.id(), sender, prepared),
                             payload: prepared.payload.clone(),
                         });
                     }
                     // Remote nodes count their own deliveries.
-                    return Ok(prepared.delivered(frames));
+                    let addressed = roster.len() - usize::from(sender_at.is_some());
+                    return Ok(prepared.delivered(frames, addressed as u64));
                 }
                 Receivers::One(position) => {
                     let Some((target, node)) = roster.entry(position) else {
@@ -312,7 +420,7 @@ impl NatsCoordinator {
                     };
                     let exact = matches!(prepared.intent, Intent::Reply { .. });
                     if node != &*self.node {
-                        let mut headers = headers(channel.id(), sender, prepared.opcode);
+                        let mut headers = headers(channel.id(), sender, prepared);
                         headers.insert(TARGET, target.to_string().as_str());
                         headers.insert(MODE, if exact { MODE_EXACT } else { MODE_PICK });
                         self.send(Outgoing {
@@ -320,10 +428,10 @@ impl NatsCoordinator {
                             headers,
                             payload: prepared.payload.clone(),
                         });
-                        return Ok(Delivered::default());
+                        return Ok(prepared.delivered_to(target, false));
                     }
                     if outlet.offer_to(channel, target, &frame) {
-                        return Ok(prepared.delivered(1));
+                        return Ok(prepared.delivered_to(target, true));
                     }
                     attempts -= 1;
                     if attempts == 0 || exact {
@@ -360,6 +468,7 @@ fn inbound(message: &async_nats::Message) -> Option<(ChannelId, Inbound)> {
             payload: message.payload.clone(),
             sender: header(SENDER).and_then(ClientId::parse),
             target,
+            offset: header(OFFSET).and_then(|offset| offset.parse().ok()),
         },
     ))
 }

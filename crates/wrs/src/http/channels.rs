@@ -18,6 +18,8 @@ use super::AppState;
 use super::error::{ApiError, ErrorBody};
 use crate::relay::Relay;
 use crate::relay::channel::{Channel, ChannelSpec};
+use crate::relay::client::Transport;
+use crate::relay::history::{self, HistorySpec};
 use crate::relay::ids::{ChannelId, ClientId};
 use crate::relay::pattern::Pattern;
 
@@ -28,7 +30,14 @@ pub const MAX_TIMEOUT_MS: u64 = 30 * 24 * 60 * 60 * 1000;
 /// `timeout` when none is given, in ms (24 hours).
 pub const DEFAULT_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
 /// The fields `POST /channels` accepts (`auth` carries the API token).
-const FIELDS: [&str; 5] = ["pattern", "clientLimit", "timeout", "welcome", "auth"];
+const FIELDS: [&str; 6] = [
+    "pattern",
+    "clientLimit",
+    "timeout",
+    "welcome",
+    "history",
+    "auth",
+];
 const PATTERN_NAMES: &str = "echo, pub-sub, push-pull, req-repl, fan-in-out";
 
 /// The success envelope: `{"message": ..., "data": ...}`.
@@ -64,6 +73,18 @@ pub struct ChannelView {
     /// RFC 3339, UTC.
     #[schema(example = "2026-11-22T09:30:00.123Z")]
     created_at: String,
+    /// The history it keeps (pub-sub channels created with one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    history: Option<HistoryView>,
+}
+
+/// How much history a channel keeps.
+#[derive(Serialize, ToSchema)]
+pub struct HistoryView {
+    /// Most messages kept.
+    size: u32,
+    /// How long a message is kept, in ms.
+    ttl: u64,
 }
 
 /// The create response: the only place the token is ever shown.
@@ -90,6 +111,10 @@ pub struct CreateChannel {
     timeout: Option<i64>,
     /// Send each client a `{"type":"hello"}` frame with its id on connect.
     welcome: Option<bool>,
+    /// Keep the last `size` messages (1 to 10000) younger than `ttl` ms (1
+    /// to 86400000, default 86400000) for reading and resuming; pub-sub only.
+    #[schema(example = json!({"size": 100, "ttl": 60000}))]
+    history: Option<HistoryView>,
     /// The API token, when `WRS_AUTH` protects this route (instead of the header).
     auth: Option<String>,
 }
@@ -105,6 +130,8 @@ pub struct ClientView {
     node: Option<String>,
     #[schema(example = "2026-11-22T09:31:00.004Z")]
     connected_at: String,
+    /// `websocket`, or `sse` for a Server-Sent Events client.
+    transport: Transport,
 }
 
 /// The result of `DELETE /reset`.
@@ -126,6 +153,10 @@ impl ChannelView {
             client_limit: spec.client_limit.map_or(-1, i64::from),
             clients: relay.client_count(channel),
             created_at: timestamp(channel.created_at()),
+            history: spec.history.map(|h| HistoryView {
+                size: h.size,
+                ttl: h.ttl.as_millis() as u64,
+            }),
         }
     }
 }
@@ -262,6 +293,7 @@ pub async fn clients(
             id: listed.id,
             node: listed.node,
             connected_at: timestamp(listed.connected_at),
+            transport: listed.transport,
         })
         .collect();
     Ok(ok(
@@ -374,7 +406,7 @@ pub fn spec_from_fields(fields: &Map<String, Value>) -> Result<ChannelSpec, ApiE
             StatusCode::BAD_REQUEST,
             "unknown_field",
             format!(
-                "unknown field {unknown:?}; the fields are pattern, clientLimit, timeout and welcome"
+                "unknown field {unknown:?}; the fields are pattern, clientLimit, timeout, welcome and history"
             ),
         ));
     }
@@ -408,11 +440,77 @@ pub fn spec_from_fields(fields: &Map<String, Value>) -> Result<ChannelSpec, ApiE
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(ApiError::invalid_field("welcome", "must be true or false")),
     };
+    let history = fields
+        .get("history")
+        .map(|value| history_spec(value, pattern))
+        .transpose()?;
     Ok(ChannelSpec {
         pattern,
         client_limit,
         timeout,
         welcome,
+        history,
+    })
+}
+
+/// `"history": {"size": N, "ttl": MS}` of a `pub-sub` channel.
+fn history_spec(value: &Value, pattern: Pattern) -> Result<HistorySpec, ApiError> {
+    let Value::Object(fields) = value else {
+        return Err(ApiError::invalid_field(
+            "history",
+            r#"must be an object such as {"size": 100, "ttl": 60000}"#,
+        ));
+    };
+    if pattern != Pattern::PubSub {
+        return Err(ApiError::invalid_field(
+            "history",
+            "is kept only by pub-sub channels",
+        ));
+    }
+    if let Some(unknown) = fields
+        .keys()
+        .find(|key| !["size", "ttl"].contains(&key.as_str()))
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "unknown_field",
+            format!("unknown field \"history.{unknown}\"; the fields are size and ttl"),
+        ));
+    }
+    let max_ttl = history::MAX_TTL.as_millis() as u64;
+    let size = match fields.get("size") {
+        None => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "missing_field",
+                r#"field "history.size" is required"#,
+            ));
+        }
+        Some(value) => value
+            .as_u64()
+            .filter(|n| (1..=u64::from(history::MAX_SIZE)).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid_field(
+                    "history.size",
+                    &format!("must be an integer from 1 to {}", history::MAX_SIZE),
+                )
+            })?,
+    };
+    let ttl = match fields.get("ttl") {
+        None => max_ttl,
+        Some(value) => value
+            .as_u64()
+            .filter(|n| (1..=max_ttl).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid_field(
+                    "history.ttl",
+                    &format!("must be an integer from 1 to {max_ttl} (ms)"),
+                )
+            })?,
+    };
+    Ok(HistorySpec {
+        size: size as u32,
+        ttl: Duration::from_millis(ttl),
     })
 }
 

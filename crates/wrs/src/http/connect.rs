@@ -15,7 +15,7 @@ use super::AppState;
 use super::channels::ChannelPath;
 use super::error::{ApiError, ErrorBody, connect_error};
 use crate::relay::ConnectError;
-use crate::relay::client::CloseReason;
+use crate::relay::client::{CloseReason, Wire};
 use crate::ws;
 
 #[derive(Deserialize)]
@@ -116,11 +116,6 @@ async fn upgrade(
         .await
         .map_err(|e| connect_error(e, &id))?;
     let accept = ws::handshake::accept(request.method(), request.version(), request.headers())?;
-    let reservation = app
-        .relay
-        .reserve(&channel)
-        .await
-        .map_err(|e| connect_error(e, &id))?;
     // permessage-deflate, when offered and compression is on: what the
     // client is told and what its connection does come from one answer.
     let deflate = app.relay.settings().compress_from.and_then(|_| {
@@ -132,7 +127,12 @@ async fn upgrade(
                 .map(|v| v.as_bytes()),
         )
     });
-    let member = reservation.admit(deflate).map_err(|reason| match reason {
+    let reservation = app
+        .relay
+        .reserve(&channel, Wire::WebSocket { deflate })
+        .await
+        .map_err(|e| connect_error(e, &id))?;
+    let member = reservation.admit().map_err(|reason| match reason {
         CloseReason::ServerShutdown => connect_error(ConnectError::Draining, &id),
         _ => connect_error(ConnectError::NotFound, &id),
     })?;
@@ -183,6 +183,7 @@ mod tests {
             client_limit: None,
             timeout: None,
             welcome: false,
+            history: None,
         };
         let (channel, token) = relay.create_channel(spec).await.unwrap();
         let request = axum::http::Request::get(format!(

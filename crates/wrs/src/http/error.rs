@@ -49,6 +49,12 @@ impl ApiError {
         }
     }
 
+    /// The same error with another text.
+    pub fn with_message(mut self, message: impl Into<String>) -> Self {
+        self.message = message.into();
+        self
+    }
+
     fn with_header(self, name: HeaderName, value: &'static str) -> Self {
         self.with_header_value(name, HeaderValue::from_static(value))
     }

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod channels;
 pub mod connect;
 pub mod error;
+pub mod messages;
 pub mod openapi;
 pub mod pages;
 pub mod readme;

@@ -15,7 +15,7 @@ use utoipa::openapi::server::Server;
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
 use utoipa_axum::routes;
 
-use super::{AppState, channels, connect, pages, readme, service};
+use super::{AppState, channels, connect, messages, pages, readme, service};
 use crate::config::{AuthPolicy, Config};
 
 #[derive(OpenApi)]
@@ -27,6 +27,7 @@ use crate::config::{AuthPolicy, Config};
     tags(
         (name = "channels", description = "Create, list, inspect and delete channels"),
         (name = "connect", description = "Join a channel over WebSocket"),
+        (name = "http", description = "Publish over HTTP, read a channel's history, receive as Server-Sent Events"),
         (name = "service", description = "Metadata, cluster, health and metrics"),
         (name = "docs", description = "Human-readable pages"),
         (name = "browser-only", description = "GET aliases for create and delete (WRS_BROWSER_ONLY=true)"),
@@ -73,6 +74,8 @@ fn channel_routes(config: &Config) -> Vec<UtoipaMethodRouter<AppState>> {
         routes!(channels::show, channels::remove),
         routes!(channels::clients),
         routes!(connect::connect),
+        routes!(messages::publish, messages::history),
+        routes!(messages::events),
     ];
     if config.browser_only {
         groups.push(routes!(channels::create_via_get));

@@ -13,12 +13,11 @@ use std::sync::Arc;
 use tracing::debug;
 
 use super::channel::Channel;
-use super::client::{Client, CloseReason};
+use super::client::{Client, CloseReason, Wire};
 use super::ids::ClientId;
 use super::overload::Slot;
 use super::{ConnectError, Relay};
 use crate::ws::codec::{self, OpCode};
-use crate::ws::deflate::Deflate;
 
 /// A place held in a channel for a connection being upgraded.
 #[derive(Debug)]
@@ -32,6 +31,7 @@ pub struct Reservation {
     /// The connection's share of the node's capacity (the member takes
     /// it over).
     slot: Option<Slot>,
+    wire: Wire,
 }
 
 impl Reservation {
@@ -41,6 +41,7 @@ impl Reservation {
     pub(super) async fn hold(
         relay: &Arc<Relay>,
         channel: &Arc<Channel>,
+        wire: Wire,
     ) -> Result<Self, ConnectError> {
         let slot = relay
             .capacity()
@@ -53,10 +54,11 @@ impl Reservation {
             id: None,
             held: true,
             slot: Some(slot),
+            wire,
         };
         reservation.id = relay
             .coordinator()
-            .join(channel)
+            .join(channel, wire.transport())
             .await
             .map_err(|refusal| ConnectError::refused(channel, refusal))?;
         Ok(reservation)
@@ -75,11 +77,11 @@ impl Reservation {
     ///
     /// Why the client cannot join: the channel closed since the place was
     /// held, or the node began draining (the client is removed again).
-    pub fn admit(mut self, deflate: Option<Deflate>) -> Result<Member, CloseReason> {
+    pub fn admit(mut self) -> Result<Member, CloseReason> {
         self.held = false;
         let relay = Arc::clone(&self.relay);
         let channel = Arc::clone(&self.channel);
-        let client = match channel.fill_place(self.id, relay.settings().queue, deflate) {
+        let client = match channel.fill_place(self.id, relay.settings().queue, self.wire) {
             Ok(client) => client,
             Err(reason) => {
                 self.give_back();

@@ -8,15 +8,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use parking_lot::{RwLock, RwLockReadGuard};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use tokio_util::sync::CancellationToken;
 
-use super::client::{Client, CloseReason, QueueLimits};
+use super::client::{Client, CloseReason, QueueLimits, Transport, Wire};
 use super::clock::Clock;
+use super::history::{History, HistorySpec};
 use super::ids::{ChannelId, ClientId, TokenDigest};
 use super::order::JoinOrder;
 use super::pattern::{Pattern, Roster};
-use crate::ws::deflate::Deflate;
 
 /// The settings a channel is created with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +28,8 @@ pub struct ChannelSpec {
     pub timeout: Option<Duration>,
     /// Whether each client gets a `{"type":"hello"}` frame on connect.
     pub welcome: bool,
+    /// The messages kept for reading and resuming (`pub-sub` only).
+    pub history: Option<HistorySpec>,
 }
 
 /// Why a client cannot join.
@@ -58,6 +60,8 @@ pub struct Channel {
     unshared_activity: AtomicBool,
     /// Cancelled when the channel is closed for good.
     closed: CancellationToken,
+    /// Its history, when it keeps one.
+    history: Option<Mutex<History>>,
 }
 
 /// The clients of a channel in join order, plus pending reservations.
@@ -113,7 +117,13 @@ impl Channel {
             last_activity_ms: AtomicU64::new(clock.now_ms()),
             unshared_activity: AtomicBool::new(false),
             closed,
+            history: spec.history.map(|spec| Mutex::new(History::new(spec))),
         }
+    }
+
+    /// The channel's history, when it keeps one.
+    pub fn history(&self) -> Option<&Mutex<History>> {
+        self.history.as_ref()
     }
 
     pub fn id(&self) -> &ChannelId {
@@ -149,12 +159,13 @@ impl Channel {
         self.members.read().clients.len()
     }
 
-    /// The connected clients' ids and connection times, in join order.
-    pub fn clients(&self) -> Vec<(ClientId, SystemTime)> {
+    /// The connected clients' ids, connection times and transports, in
+    /// join order.
+    pub fn clients(&self) -> Vec<(ClientId, SystemTime, Transport)> {
         self.members
             .read()
             .iter()
-            .map(|c| (c.id(), c.connected_at()))
+            .map(|c| (c.id(), c.connected_at(), c.wire().transport()))
             .collect()
     }
 
@@ -269,7 +280,7 @@ impl Channel {
         &self,
         id: Option<ClientId>,
         limits: QueueLimits,
-        deflate: Option<Deflate>,
+        wire: Wire,
     ) -> Result<Arc<Client>, CloseReason> {
         let mut members = self.members.write();
         members.reserved -= 1;
@@ -285,7 +296,7 @@ impl Channel {
                 }
             },
         };
-        let client = Arc::new(Client::new(id, limits, deflate));
+        let client = Arc::new(Client::new(id, limits, wire));
         members.clients.insert(id, Arc::clone(&client));
         Ok(client)
     }
@@ -350,6 +361,7 @@ mod tests {
             client_limit: limit,
             timeout,
             welcome: false,
+            history: None,
         };
         Arc::new(Channel::new(
             ChannelId::random(4),
@@ -364,7 +376,7 @@ mod tests {
     /// A held place, admitted at once.
     fn join(ch: &Channel) -> Arc<Client> {
         ch.hold_place().unwrap();
-        ch.fill_place(None, LIMITS, None).unwrap()
+        ch.fill_place(None, LIMITS, Wire::PLAIN).unwrap()
     }
 
     #[test]
@@ -374,10 +386,10 @@ mod tests {
         ch.hold_place().unwrap();
         assert_eq!(ch.hold_place().unwrap_err(), JoinError::Full { limit: 2 });
         ch.release_place();
-        let client = ch.fill_place(None, LIMITS, None).unwrap();
+        let client = ch.fill_place(None, LIMITS, Wire::PLAIN).unwrap();
         ch.hold_place().unwrap();
         assert_eq!(ch.hold_place().unwrap_err(), JoinError::Full { limit: 2 });
-        ch.fill_place(None, LIMITS, None).unwrap();
+        ch.fill_place(None, LIMITS, Wire::PLAIN).unwrap();
         assert_eq!(ch.client_count(), 2);
         ch.leave(client.id());
         assert_eq!(ch.client_count(), 1);
@@ -403,7 +415,7 @@ mod tests {
         assert_eq!(ch.client_count(), 0);
         // A place held while it closed cannot be filled.
         assert_eq!(
-            ch.fill_place(None, LIMITS, None).unwrap_err(),
+            ch.fill_place(None, LIMITS, Wire::PLAIN).unwrap_err(),
             CloseReason::ChannelDeleted
         );
         assert!(ch.is_idle_here());
@@ -419,7 +431,7 @@ mod tests {
         ch.hold_place().unwrap();
         assert!(!ch.is_idle_here(), "a held place counts as a client here");
         let client = ch
-            .fill_place(Some(ClientId::from_raw(42)), LIMITS, None)
+            .fill_place(Some(ClientId::from_raw(42)), LIMITS, Wire::PLAIN)
             .unwrap();
         assert_eq!(client.id(), ClientId::from_raw(42));
         assert_eq!(ch.clients()[0].0, ClientId::from_raw(42));
@@ -443,7 +455,7 @@ mod tests {
     fn client_ids_are_unique_and_in_join_order() {
         let ch = channel(None, None);
         let ids: Vec<_> = (0..50).map(|_| join(&ch).id()).collect();
-        let listed: Vec<_> = ch.clients().into_iter().map(|(id, _)| id).collect();
+        let listed: Vec<_> = ch.clients().into_iter().map(|(id, ..)| id).collect();
         assert_eq!(listed, ids);
         let members = ch.members();
         assert_eq!(members.position(ids[7]), Some(7));

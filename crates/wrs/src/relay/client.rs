@@ -213,28 +213,66 @@ impl Outbox {
     }
 }
 
+/// How a client is connected, which decides how its frames are encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    /// A WebSocket, with permessage-deflate if it negotiated it.
+    WebSocket { deflate: Option<Deflate> },
+    /// A Server-Sent Events stream (receive-only).
+    Sse,
+}
+
+impl Wire {
+    /// A WebSocket without compression.
+    pub const PLAIN: Wire = Wire::WebSocket { deflate: None };
+
+    pub fn transport(self) -> Transport {
+        match self {
+            Wire::WebSocket { .. } => Transport::WebSocket,
+            Wire::Sse => Transport::Sse,
+        }
+    }
+}
+
+/// How a client is connected, as the roster lists it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    #[default]
+    #[serde(rename = "websocket")]
+    WebSocket,
+    Sse,
+}
+
 /// One connected client.
 #[derive(Debug)]
 pub struct Client {
     id: ClientId,
     connected_at: SystemTime,
-    /// permessage-deflate, if the client negotiated it.
-    deflate: Option<Deflate>,
+    wire: Wire,
     pub outbox: Outbox,
 }
 
 impl Client {
-    pub fn new(id: ClientId, limits: QueueLimits, deflate: Option<Deflate>) -> Self {
+    pub fn new(id: ClientId, limits: QueueLimits, wire: Wire) -> Self {
         Self {
             id,
             connected_at: SystemTime::now(),
-            deflate,
+            wire,
             outbox: Outbox::new(limits),
         }
     }
 
+    pub fn wire(&self) -> Wire {
+        self.wire
+    }
+
+    /// permessage-deflate, if the client negotiated it.
     pub fn deflate(&self) -> Option<Deflate> {
-        self.deflate
+        match self.wire {
+            Wire::WebSocket { deflate } => deflate,
+            Wire::Sse => None,
+        }
     }
 
     pub fn id(&self) -> ClientId {

@@ -13,15 +13,16 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Relay;
 use super::channel::{Channel, ChannelSpec};
-use super::client::CloseReason;
+use super::client::{CloseReason, Transport};
 use super::clock::Clock;
-use super::deliver::{Inbound, Outlet, Prepared};
+use super::deliver::{Inbound, Outlet, Prepared, Source};
 use super::ids::{ChannelId, ClientId, TokenDigest};
 use super::subprotocol::FrameError;
 use super::{Delivered, NodeState};
@@ -124,6 +125,7 @@ pub struct Listed {
     /// The node it is connected to (in a cluster).
     pub node: Option<String>,
     pub connected_at: SystemTime,
+    pub transport: Transport,
 }
 
 /// One node, as `GET /cluster` shows it.
@@ -235,7 +237,11 @@ pub trait Coordinator: Send + Sync + fmt::Debug + 'static {
     /// Takes a place in the channel's shared roster for a client of this
     /// node; `Some` id is the client's, unique in the channel everywhere
     /// (`None`: the relay draws one). The local place is already held.
-    async fn join(&self, channel: &Arc<Channel>) -> Result<Option<ClientId>, JoinRefusal>;
+    async fn join(
+        &self,
+        channel: &Arc<Channel>,
+        transport: Transport,
+    ) -> Result<Option<ClientId>, JoinRefusal>;
 
     /// A place of this node in the channel was given up (already here):
     /// a client that left, or a join that did not complete (`id` is the
@@ -261,9 +267,33 @@ pub trait Coordinator: Send + Sync + fmt::Debug + 'static {
         &self,
         outlet: &Outlet<'_>,
         channel: &Channel,
-        sender: ClientId,
+        source: Source,
         prepared: &Prepared,
     ) -> Result<Delivered, FrameError>;
+
+    /// An HTTP call on this node waits for replies to `origin`: replies
+    /// sent by clients on other nodes must find it from now on.
+    async fn open_call(&self, origin: ClientId) -> Result<(), CoordinatorError>;
+
+    /// The call for `origin` ended.
+    fn close_call(&self, origin: ClientId);
+
+    /// Carries a reply from this node's client `sender` to the call for
+    /// `origin`, which does not wait on this node. Never waits; if it turns
+    /// out that no call waits anywhere, the sender gets the error frame
+    /// later.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::UnknownOrigin`] when it is known at once that no call
+    /// waits for `origin`.
+    fn answer_elsewhere(
+        &self,
+        channel: &Channel,
+        sender: ClientId,
+        origin: ClientId,
+        reply: Bytes,
+    ) -> Result<(), FrameError>;
 
     /// Something was relayed on the channel here; other nodes must learn
     /// of it before they may let the channel time out. Never waits.
@@ -356,6 +386,34 @@ impl Handle {
         }
     }
 
+    /// Hands a reply from another node to the call waiting here for
+    /// `origin`; false if none waits.
+    pub fn answer_call(&self, origin: ClientId, reply: Bytes) -> bool {
+        self.relay
+            .upgrade()
+            .is_some_and(|relay| relay.answer_call(origin, reply))
+    }
+
+    /// Sends this node's client `client` of channel `id` the error frame
+    /// for a sub-protocol frame that could not be relayed.
+    pub fn frame_error(&self, id: &ChannelId, client: ClientId, error: &FrameError) {
+        let Some(relay) = self.relay.upgrade() else {
+            return;
+        };
+        let Some(channel) = relay.channel(id) else {
+            return;
+        };
+        relay.metrics().frame_error(channel.pattern());
+        let members = channel.members();
+        if let Some(client) = members.client(client) {
+            let frame = crate::ws::codec::encode(
+                crate::ws::codec::OpCode::Text,
+                error.to_json().as_bytes(),
+            );
+            relay.offer(&channel, client, frame);
+        }
+    }
+
     /// Delivers a message from another node to this node's clients;
     /// returns how many took it.
     pub fn deliver(&self, id: &ChannelId, inbound: &Inbound) -> u64 {
@@ -445,7 +503,7 @@ impl Coordinator for Standalone {
 
     fn forget(&self, _: &ChannelId) {}
 
-    async fn join(&self, _: &Arc<Channel>) -> Result<Option<ClientId>, JoinRefusal> {
+    async fn join(&self, _: &Arc<Channel>, _: Transport) -> Result<Option<ClientId>, JoinRefusal> {
         Ok(None)
     }
 
@@ -463,10 +521,26 @@ impl Coordinator for Standalone {
         &self,
         outlet: &Outlet<'_>,
         channel: &Channel,
-        sender: ClientId,
+        source: Source,
         prepared: &Prepared,
     ) -> Result<Delivered, FrameError> {
-        outlet.route_locally(channel, sender, prepared)
+        outlet.route_locally(channel, source, prepared)
+    }
+
+    async fn open_call(&self, _: ClientId) -> Result<(), CoordinatorError> {
+        Ok(())
+    }
+
+    fn close_call(&self, _: ClientId) {}
+
+    fn answer_elsewhere(
+        &self,
+        _: &Channel,
+        _: ClientId,
+        origin: ClientId,
+        _: Bytes,
+    ) -> Result<(), FrameError> {
+        Err(FrameError::UnknownOrigin(origin.to_string()))
     }
 
     fn note_activity(&self, _: &Arc<Channel>) {}

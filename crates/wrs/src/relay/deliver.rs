@@ -8,14 +8,34 @@ use std::cell::OnceCell;
 use bytes::Bytes;
 
 use super::channel::Channel;
-use super::client::{Client, CloseReason, PushError};
+use super::client::{Client, CloseReason, PushError, Wire};
 use super::ids::ClientId;
 use super::pattern::{self, Intent, Pattern, Receivers, Roster, RouteError};
 use super::subprotocol::{self, Envelope, FrameError};
 use super::{Delivered, Message, SlowConsumerPolicy};
 use crate::metrics::Metrics;
+use crate::sse;
 use crate::ws::codec::{self, OpCode};
 use crate::ws::deflate::{self, MAX_WINDOW_BITS};
+
+/// Who sent a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A client of the channel.
+    Client(ClientId),
+    /// A publisher outside the channel (HTTP publish): "the others" are
+    /// every client. Its id is a one-off no client has (for a call, the
+    /// origin the reply must name).
+    Outside(ClientId),
+}
+
+impl Source {
+    pub fn id(self) -> ClientId {
+        match self {
+            Source::Client(id) | Source::Outside(id) => id,
+        }
+    }
+}
 
 /// A message classified for routing, with the payload its receivers get.
 #[derive(Debug)]
@@ -25,14 +45,28 @@ pub struct Prepared {
     /// Unchanged for the plain patterns and replies, stamped with `origin`
     /// for requests.
     pub payload: Bytes,
+    /// Its offset in the channel's history, if it keeps one.
+    pub offset: Option<u64>,
 }
 
 impl Prepared {
-    /// `frames` deliveries of this message.
-    pub fn delivered(&self, frames: u64) -> Delivered {
+    /// `frames` deliveries of this message, on this node, out of
+    /// `addressed` clients it was routed to.
+    pub fn delivered(&self, frames: u64, addressed: u64) -> Delivered {
         Delivered {
             frames,
             bytes: frames * self.payload.len() as u64,
+            addressed,
+            to: None,
+            offset: None,
+        }
+    }
+
+    /// The delivery to the one client `to` (on this node if `here`).
+    pub fn delivered_to(&self, to: ClientId, here: bool) -> Delivered {
+        Delivered {
+            to: Some(to),
+            ..self.delivered(u64::from(here), 1)
         }
     }
 }
@@ -58,6 +92,7 @@ pub fn prepare(
             intent: Intent::Plain,
             opcode,
             payload: payload.clone(),
+            offset: None,
         });
     }
     let Message::Text(payload) = message else {
@@ -73,6 +108,7 @@ pub fn prepare(
         intent,
         opcode: OpCode::Text,
         payload,
+        offset: None,
     })
 }
 
@@ -95,22 +131,28 @@ pub struct Inbound {
     pub sender: Option<ClientId>,
     /// One client, or every local client but the sender.
     pub target: Option<(ClientId, Fallback)>,
+    /// Its offset in the channel's history, if it keeps one.
+    pub offset: Option<u64>,
 }
 
-/// One message as its receivers get it: encoded at most once plain and at
+/// One message as its receivers get it: encoded at most once plain, at
 /// most once compressed (permessage-deflate, for the receivers that
-/// negotiated it with the default window), the same bytes shared by all.
-/// A receiver that asked for a smaller window gets its own compression.
+/// negotiated it with the default window) and at most once as a
+/// Server-Sent Event, the same bytes shared by all. A receiver that asked
+/// for a smaller window gets its own compression.
 #[derive(Debug)]
 pub struct Frame<'a> {
     metrics: &'a Metrics,
     opcode: OpCode,
     payload: Bytes,
+    /// Its offset in the channel's history (the SSE event's id).
+    offset: Option<u64>,
     /// Large enough to be worth compressing (and compression is on).
     compressible: bool,
     plain: OnceCell<Bytes>,
     /// `None` inside: the compressor failed (the plain frame goes).
     deflated: OnceCell<Option<Bytes>>,
+    sse: OnceCell<Bytes>,
 }
 
 impl<'a> Frame<'a> {
@@ -125,13 +167,23 @@ impl<'a> Frame<'a> {
             opcode,
             compressible: compress_from.is_some_and(|min| payload.len() >= min),
             payload,
+            offset: None,
             plain: OnceCell::new(),
             deflated: OnceCell::new(),
+            sse: OnceCell::new(),
         }
     }
 
     /// The frame bytes for `client`.
     pub fn for_client(&self, client: &Client) -> Bytes {
+        if client.wire() == Wire::Sse {
+            return self
+                .sse
+                .get_or_init(|| {
+                    sse::message(self.offset, self.opcode == OpCode::Binary, &self.payload)
+                })
+                .clone();
+        }
         let deflated = match client.deflate() {
             Some(deflate) if self.compressible => {
                 if deflate.window_bits == MAX_WINDOW_BITS {
@@ -171,8 +223,16 @@ pub struct Outlet<'a> {
 
 impl Outlet<'_> {
     /// `payload` as a frame for this node's receivers.
-    pub fn frame(&self, opcode: OpCode, payload: Bytes) -> Frame<'_> {
-        Frame::new(self.metrics, opcode, payload, self.compress_from)
+    pub fn frame(&self, opcode: OpCode, payload: Bytes, offset: Option<u64>) -> Frame<'_> {
+        Frame {
+            offset,
+            ..Frame::new(self.metrics, opcode, payload, self.compress_from)
+        }
+    }
+
+    /// A prepared message as a frame for this node's receivers.
+    pub fn frame_of(&self, prepared: &Prepared) -> Frame<'_> {
+        self.frame(prepared.opcode, prepared.payload.clone(), prepared.offset)
     }
 
     /// Queues `frame` as `client` takes it (compressed or not).
@@ -235,15 +295,20 @@ impl Outlet<'_> {
     pub fn route_locally(
         &self,
         channel: &Channel,
-        sender: ClientId,
+        source: Source,
         prepared: &Prepared,
     ) -> Result<Delivered, FrameError> {
         // Encoded once before taking the roster lock, shared by every receiver.
-        let frame = self.frame(prepared.opcode, prepared.payload.clone());
+        let frame = self.frame_of(prepared);
         let members = channel.members();
-        let Some(sender_at) = members.position(sender) else {
-            // The sender is closing and already left the roster.
-            return Ok(Delivered::default());
+        let sender = source.id();
+        let sender_at = match source {
+            Source::Client(id) => match members.position(id) {
+                Some(at) => Some(at),
+                // The sender is closing and already left the roster.
+                None => return Ok(Delivered::default()),
+            },
+            Source::Outside(_) => None,
         };
         let deliver = |position: usize| {
             members
@@ -264,7 +329,10 @@ impl Outlet<'_> {
             .map_err(unknown_origin)?;
             match receivers {
                 Receivers::Nobody => return Ok(Delivered::default()),
-                Receivers::Sender => return Ok(prepared.delivered(u64::from(deliver(sender_at)))),
+                Receivers::Sender => {
+                    let here = sender_at.is_some_and(deliver);
+                    return Ok(prepared.delivered_to(sender, here));
+                }
                 Receivers::AllButSender => {
                     // In join order, without looking anyone up by position.
                     let frames = members
@@ -273,11 +341,13 @@ impl Outlet<'_> {
                             client.id() != sender && self.offer_frame(channel, client, &frame)
                         })
                         .count();
-                    return Ok(prepared.delivered(frames as u64));
+                    let addressed = members.len() - usize::from(sender_at.is_some());
+                    return Ok(prepared.delivered(frames as u64, addressed as u64));
                 }
                 Receivers::One(position) => {
                     if deliver(position) {
-                        return Ok(prepared.delivered(1));
+                        let to = members.client_at(position).map(|client| client.id());
+                        return Ok(prepared.delivered_to(to.unwrap_or(sender), true));
                     }
                     attempts -= 1;
                     if attempts == 0 || matches!(prepared.intent, Intent::Reply { .. }) {
@@ -293,7 +363,7 @@ impl Outlet<'_> {
     /// target left, the next local client in turn), or to all but the
     /// sender. Returns the deliveries made.
     pub fn deliver_inbound(&self, channel: &Channel, inbound: &Inbound) -> u64 {
-        let frame = self.frame(inbound.opcode, inbound.payload.clone());
+        let frame = self.frame(inbound.opcode, inbound.payload.clone(), inbound.offset);
         match inbound.target {
             None => self.offer_all_but(channel, inbound.sender, &frame),
             Some((target, fallback)) => {

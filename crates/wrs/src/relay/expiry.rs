@@ -157,7 +157,11 @@ mod tests {
             Ok(Vec::new())
         }
         fn forget(&self, _: &ChannelId) {}
-        async fn join(&self, _: &Arc<Channel>) -> Result<Option<ClientId>, JoinRefusal> {
+        async fn join(
+            &self,
+            _: &Arc<Channel>,
+            _: crate::relay::client::Transport,
+        ) -> Result<Option<ClientId>, JoinRefusal> {
             Ok(None)
         }
         fn left(&self, _: &Arc<Channel>, _: Option<ClientId>) {}
@@ -171,10 +175,23 @@ mod tests {
             &self,
             outlet: &Outlet<'_>,
             channel: &Channel,
-            sender: ClientId,
+            source: crate::relay::deliver::Source,
             prepared: &Prepared,
         ) -> Result<Delivered, FrameError> {
-            outlet.route_locally(channel, sender, prepared)
+            outlet.route_locally(channel, source, prepared)
+        }
+        async fn open_call(&self, _: ClientId) -> Result<(), CoordinatorError> {
+            Ok(())
+        }
+        fn close_call(&self, _: ClientId) {}
+        fn answer_elsewhere(
+            &self,
+            _: &Channel,
+            _: ClientId,
+            origin: ClientId,
+            _: bytes::Bytes,
+        ) -> Result<(), FrameError> {
+            Err(FrameError::UnknownOrigin(origin.to_string()))
         }
         fn note_activity(&self, _: &Arc<Channel>) {}
         fn expiry_grace(&self, _: Duration) -> Duration {
@@ -213,6 +230,7 @@ mod tests {
         client_limit: None,
         timeout: Some(Duration::from_millis(1000)),
         welcome: false,
+        history: None,
     };
 
     async fn relay_with(coordinator: Scripted) -> (Arc<Relay>, Arc<Scripted>) {

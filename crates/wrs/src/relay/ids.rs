@@ -64,9 +64,12 @@ impl fmt::Debug for ChannelId {
     }
 }
 
-/// A client id such as `3F2A-91C0-7B44`: 48 random bits, shown as three
-/// groups of four upper-case hex digits. Unique within its channel (the
-/// channel re-draws on the rare collision).
+/// A client id such as `3F2A-91C0-7B44`: 48 bits, shown as three groups of
+/// four upper-case hex digits. Unique within its channel (the channel
+/// re-draws on the rare collision). A connected client's id has its top
+/// bit clear; the one-off origin of an HTTP call (`POST
+/// /channels/{id}/messages` on `req-repl` and `fan-in-out`) has it set, so
+/// any node can tell a reply to a call from a reply to a client.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ClientId(u64);
 
@@ -75,8 +78,22 @@ impl ClientId {
     /// Length of the text form, `XXXX-XXXX-XXXX`.
     pub const TEXT_LEN: usize = 14;
 
+    /// The bit set in call origins and clear in client ids.
+    const CALL: u64 = 1 << (Self::BITS - 1);
+
+    /// A fresh random id for a client.
     pub fn random() -> Self {
-        Self(rand::rng().random::<u64>() >> (64 - Self::BITS))
+        Self(rand::rng().random::<u64>() >> (64 - Self::BITS + 1))
+    }
+
+    /// A fresh random one-off origin for an HTTP call.
+    pub fn call() -> Self {
+        Self(Self::random().0 | Self::CALL)
+    }
+
+    /// Whether this id is an HTTP call's origin rather than a client's.
+    pub fn is_call(self) -> bool {
+        self.0 & Self::CALL != 0
     }
 
     /// Parses the text form (either case). Anything else is `None`.
@@ -241,6 +258,11 @@ mod tests {
             assert_eq!(text.len(), ClientId::TEXT_LEN);
             assert_eq!(ClientId::parse(&text), Some(id));
             assert_eq!(ClientId::parse(&text.to_lowercase()), Some(id));
+        }
+        for _ in 0..1000 {
+            let (client, call) = (ClientId::random(), ClientId::call());
+            assert!(!client.is_call() && call.is_call());
+            assert_eq!(ClientId::parse(&call.to_string()), Some(call));
         }
         assert_eq!(ClientId::from_raw(0).to_string(), "0000-0000-0000");
         assert_eq!(ClientId::from_raw(u64::MAX).to_string(), "FFFF-FFFF-FFFF");

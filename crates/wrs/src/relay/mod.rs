@@ -17,6 +17,7 @@ pub mod coordinator;
 pub mod deliver;
 pub mod evacuate;
 mod expiry;
+pub mod history;
 pub mod ids;
 pub mod order;
 pub mod overload;
@@ -34,19 +35,22 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
+use crate::ws::codec::OpCode;
 use admission::Reservation;
 use channel::{Channel, ChannelSpec, JoinError};
-use client::{Client, QueueLimits};
+use client::{Client, QueueLimits, Wire};
 use clock::{Clock, epoch_ms};
 use coordinator::{
     Claim, CommandError, Coordinator, CoordinatorError, EndReason, Ended, Handle, JoinRefusal,
     Listed, NodeCommand, NodeStatus, SharedChannel, Standalone, Tasks,
 };
-use deliver::{Inbound, Outlet, prepare};
+use dashmap::DashMap;
+use deliver::{Inbound, Outlet, Prepared, Source, prepare};
 use evacuate::Evacuation;
 pub use evacuate::{DrainKind, DrainSettings, RebalanceSettings};
 use ids::{ChannelId, ClientId, Token};
 use overload::{Capacity, Refusal};
+use pattern::Intent;
 use registry::{CreateError, Registry};
 use subprotocol::FrameError;
 
@@ -215,8 +219,15 @@ impl ConnectError {
 /// Result of carrying one message to its receivers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Delivered {
+    /// Frames queued on this node.
     pub frames: u64,
     pub bytes: u64,
+    /// Clients the message was routed to, on every node.
+    pub addressed: u64,
+    /// The one client it was routed to (a round-robin pick, a reply).
+    pub to: Option<ClientId>,
+    /// Its offset in the channel's history, if it keeps one.
+    pub offset: Option<u64>,
 }
 
 /// Why a channel operation failed.
@@ -245,6 +256,36 @@ pub struct Relay {
     background: TaskTracker,
     /// WebSocket connection tasks.
     connections: TaskTracker,
+    /// HTTP calls waiting on this node for their reply, by origin.
+    calls: DashMap<ClientId, tokio::sync::oneshot::Sender<Bytes>>,
+}
+
+/// An HTTP call's origin while the call waits; dropping it forgets it.
+struct OpenCall<'a> {
+    relay: &'a Relay,
+    origin: ClientId,
+}
+
+impl Drop for OpenCall<'_> {
+    fn drop(&mut self) {
+        self.relay.calls.remove(&self.origin);
+        self.relay.coordinator.close_call(self.origin);
+    }
+}
+
+/// Why an HTTP call into a `req-repl` or `fan-in-out` channel failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("{0}")]
+    Invalid(FrameError),
+    #[error(r#"the body must be a request ({{"type":"request",...}}), not a reply"#)]
+    NotARequest,
+    #[error("no client is connected to receive the request")]
+    NoReceiver,
+    #[error("no reply arrived in time")]
+    NoReply,
+    #[error(transparent)]
+    Unavailable(CoordinatorError),
 }
 
 impl Relay {
@@ -268,6 +309,7 @@ impl Relay {
             root: CancellationToken::new(),
             background: TaskTracker::new(),
             connections: TaskTracker::new(),
+            calls: DashMap::new(),
         })
     }
 
@@ -637,10 +679,11 @@ impl Relay {
             channel
                 .clients()
                 .into_iter()
-                .map(|(id, connected_at)| Listed {
+                .map(|(id, connected_at, transport)| Listed {
                     id,
                     node: None,
                     connected_at,
+                    transport,
                 })
                 .collect()
         })
@@ -697,8 +740,9 @@ impl Relay {
     pub async fn reserve(
         self: &Arc<Self>,
         channel: &Arc<Channel>,
+        wire: Wire,
     ) -> Result<Reservation, ConnectError> {
-        Reservation::hold(self, channel).await
+        Reservation::hold(self, channel, wire).await
     }
 
     /// The refusal for the node's own limits.
@@ -712,7 +756,7 @@ impl Relay {
     }
 
     /// Delivery into this node's outboxes.
-    fn outlet(&self) -> Outlet<'_> {
+    pub(crate) fn outlet(&self) -> Outlet<'_> {
         Outlet {
             metrics: &self.metrics,
             policy: self.settings.slow_consumer,
@@ -733,12 +777,59 @@ impl Relay {
         sender: ClientId,
         message: Message,
     ) -> Result<(), FrameError> {
+        self.relay(channel, Source::Client(sender), &message)
+            .map(|_| ())
+    }
+
+    /// Relays a message published over HTTP (SPEC §10) by the channel's
+    /// pattern, to every client as "the others"; returns whom it reached.
+    ///
+    /// # Errors
+    ///
+    /// A [`FrameError`] for a sub-protocol frame that cannot be relayed.
+    pub fn publish(
+        &self,
+        channel: &Arc<Channel>,
+        message: &Message,
+    ) -> Result<Delivered, FrameError> {
+        self.relay(channel, Source::Outside(ClientId::call()), message)
+    }
+
+    fn relay(
+        &self,
+        channel: &Arc<Channel>,
+        source: Source,
+        message: &Message,
+    ) -> Result<Delivered, FrameError> {
         let pattern = channel.pattern();
         self.metrics
             .message_in(pattern, message.payload().len() as u64);
-        let relayed = prepare(pattern, sender, &message).and_then(|prepared| {
-            self.coordinator
-                .relay(&self.outlet(), channel, sender, &prepared)
+        let relayed = prepare(pattern, source.id(), message).and_then(|mut prepared| {
+            if let Intent::Reply { origin } = prepared.intent
+                && origin.is_call()
+            {
+                return self.answer(channel, source.id(), origin, &prepared);
+            }
+            let outlet = self.outlet();
+            match channel.history() {
+                // Numbered and delivered under the history's lock: every
+                // client sees offsets in order, and a reader sees each
+                // message either kept or delivered (see `history`).
+                Some(history) => {
+                    let mut history = history.lock();
+                    prepared.offset = Some(history.push(
+                        self.clock.now_ms(),
+                        prepared.opcode == OpCode::Binary,
+                        prepared.payload.clone(),
+                    ));
+                    self.coordinator.relay(&outlet, channel, source, &prepared)
+                }
+                None => self.coordinator.relay(&outlet, channel, source, &prepared),
+            }
+            .map(|delivered| Delivered {
+                offset: prepared.offset,
+                ..delivered
+            })
         });
         match relayed {
             Ok(delivered) => {
@@ -746,13 +837,83 @@ impl Relay {
                 self.coordinator.note_activity(channel);
                 self.metrics
                     .delivered(pattern, delivered.frames, delivered.bytes);
-                Ok(())
+                Ok(delivered)
             }
             Err(error) => {
                 self.metrics.frame_error(pattern);
                 Err(error)
             }
         }
+    }
+
+    /// Sends `request` (a sub-protocol request) into a `req-repl` or
+    /// `fan-in-out` channel as a client's request would go, from a one-off
+    /// origin, and waits up to `wait` for the first reply to it.
+    ///
+    /// # Errors
+    ///
+    /// [`CallError`]: not a request, nobody to ask, no reply in time, or
+    /// the cluster cannot carry the reply.
+    pub async fn call(
+        self: &Arc<Self>,
+        channel: &Arc<Channel>,
+        request: Bytes,
+        wait: Duration,
+    ) -> Result<Bytes, CallError> {
+        let text = std::str::from_utf8(&request)
+            .map_err(|e| CallError::Invalid(FrameError::InvalidJson(e.to_string())))?;
+        match subprotocol::parse(text).map_err(CallError::Invalid)? {
+            subprotocol::Envelope::Request(_) => {}
+            subprotocol::Envelope::Reply { .. } => return Err(CallError::NotARequest),
+        }
+        let origin = ClientId::call();
+        let (answer, reply) = tokio::sync::oneshot::channel();
+        self.calls.insert(origin, answer);
+        // Whatever ends the call (reply, timeout, the caller going away)
+        // forgets the origin: later replies get the usual error frame.
+        let _open = OpenCall {
+            relay: self,
+            origin,
+        };
+        self.coordinator
+            .open_call(origin)
+            .await
+            .map_err(CallError::Unavailable)?;
+        let delivered = self
+            .relay(channel, Source::Outside(origin), &Message::Text(request))
+            .map_err(CallError::Invalid)?;
+        if delivered.addressed == 0 {
+            return Err(CallError::NoReceiver);
+        }
+        match tokio::time::timeout(wait, reply).await {
+            Ok(Ok(reply)) => Ok(reply),
+            _ => Err(CallError::NoReply),
+        }
+    }
+
+    /// A reply to an HTTP call's origin: to the call if it waits on this
+    /// node, else wherever the coordinator finds it.
+    fn answer(
+        &self,
+        channel: &Channel,
+        sender: ClientId,
+        origin: ClientId,
+        prepared: &Prepared,
+    ) -> Result<Delivered, FrameError> {
+        if self.answer_call(origin, prepared.payload.clone()) {
+            return Ok(prepared.delivered_to(origin, false));
+        }
+        self.coordinator
+            .answer_elsewhere(channel, sender, origin, prepared.payload.clone())
+            .map(|()| prepared.delivered_to(origin, false))
+    }
+
+    /// Hands a reply to the call waiting on this node for `origin`;
+    /// false if none waits (any more).
+    pub(crate) fn answer_call(&self, origin: ClientId, reply: Bytes) -> bool {
+        self.calls
+            .remove(&origin)
+            .is_some_and(|(_, answer)| answer.send(reply).is_ok())
     }
 
     /// Delivers a message that another node relayed to this node's

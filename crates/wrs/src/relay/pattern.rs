@@ -133,9 +133,12 @@ impl Turns for Cell<u64> {
 
 /// Decides who receives a message (SPEC §3).
 ///
-/// `roster` holds at least the sender, at `sender`. The plain patterns
-/// (`echo`, `pub-sub`, `push-pull`) ignore the intent; the sub-protocol
-/// patterns treat `Intent::Plain` like a request.
+/// `sender` is the sender's position in `roster`, or `None` for a
+/// publisher outside the channel (HTTP publish, SPEC §10): for it "the
+/// others" are every client, a round-robin pick skips nobody and `echo`
+/// reaches nobody. The plain patterns (`echo`, `pub-sub`, `push-pull`)
+/// ignore the intent; the sub-protocol patterns treat `Intent::Plain` like
+/// a request.
 ///
 /// # Errors
 ///
@@ -144,7 +147,7 @@ impl Turns for Cell<u64> {
 pub fn route<R, T>(
     pattern: Pattern,
     roster: &R,
-    sender: usize,
+    sender: Option<usize>,
     intent: Intent,
     turns: &T,
 ) -> Result<Receivers, RouteError>
@@ -152,21 +155,22 @@ where
     R: Roster + ?Sized,
     T: Turns + ?Sized,
 {
-    let alone = roster.len() <= 1;
+    let others = roster.len() - usize::from(sender.is_some());
     let receivers = match (pattern, intent) {
-        (Pattern::Echo, _) => Receivers::Sender,
+        (Pattern::Echo, _) if sender.is_some() => Receivers::Sender,
+        (Pattern::Echo, _) => Receivers::Nobody,
         (Pattern::PubSub, _) | (Pattern::ReqRepl, Intent::Plain | Intent::Request) => {
-            if alone {
+            if others == 0 {
                 Receivers::Nobody
             } else {
                 Receivers::AllButSender
             }
         }
         (Pattern::PushPull, _) | (Pattern::FanInOut, Intent::Plain | Intent::Request) => {
-            if alone {
-                Receivers::Sender
-            } else {
-                Receivers::One(round_robin(roster.len(), sender, turns))
+            match sender {
+                _ if others > 0 => Receivers::One(round_robin(roster.len(), sender, turns)),
+                Some(_) => Receivers::Sender,
+                None => Receivers::Nobody,
             }
         }
         (Pattern::ReqRepl | Pattern::FanInOut, Intent::Reply { origin }) => {
@@ -179,15 +183,16 @@ where
     Ok(receivers)
 }
 
-/// Picks the next client in turn, skipping the sender. A skip consumes a
-/// turn, so with one sender every other client gets exactly one message per
-/// rotation. `len` is at least 2.
-fn round_robin<T: Turns + ?Sized>(len: usize, sender: usize, turns: &T) -> usize {
-    let len = len as u64;
-    let first = (turns.next_turn() % len) as usize;
-    if first != sender {
+/// Picks the next client in turn, skipping the sender (if it is one of
+/// the `len`). A skip consumes a turn, so with one sender every other
+/// client gets exactly one message per rotation. There is at least one
+/// client besides the sender.
+fn round_robin<T: Turns + ?Sized>(len: usize, sender: Option<usize>, turns: &T) -> usize {
+    let first = (turns.next_turn() % len as u64) as usize;
+    let Some(sender) = sender.filter(|&sender| sender == first) else {
         return first;
-    }
+    };
+    let len = len as u64;
     let second = (turns.next_turn() % len) as usize;
     if second != sender {
         second
@@ -207,7 +212,7 @@ mod tests {
     }
 
     fn plain(pattern: Pattern, roster: &[ClientId], sender: usize, turns: &Cell<u64>) -> Receivers {
-        route(pattern, roster, sender, Intent::Plain, turns).unwrap()
+        route(pattern, roster, Some(sender), Intent::Plain, turns).unwrap()
     }
 
     #[test]
@@ -311,12 +316,24 @@ mod tests {
         }
         let roster = ids(4);
         assert_eq!(
-            route(Pattern::PushPull, &roster[..], 0, Intent::Plain, &Stuck),
+            route(
+                Pattern::PushPull,
+                &roster[..],
+                Some(0),
+                Intent::Plain,
+                &Stuck
+            ),
             Ok(Receivers::One(1))
         );
         // Turn 4 of 4 lands on position 0, which is not this sender.
         assert_eq!(
-            route(Pattern::FanInOut, &roster[..], 3, Intent::Request, &Stuck),
+            route(
+                Pattern::FanInOut,
+                &roster[..],
+                Some(3),
+                Intent::Request,
+                &Stuck
+            ),
             Ok(Receivers::One(0))
         );
     }
@@ -325,7 +342,13 @@ mod tests {
     fn req_repl_requests_reach_every_other_client() {
         let turns = Cell::new(0);
         let req = |roster: &[ClientId], sender| {
-            route(Pattern::ReqRepl, roster, sender, Intent::Request, &turns)
+            route(
+                Pattern::ReqRepl,
+                roster,
+                Some(sender),
+                Intent::Request,
+                &turns,
+            )
         };
         assert_eq!(req(&ids(1), 0), Ok(Receivers::Nobody));
         assert_eq!(req(&ids(3), 1), Ok(Receivers::AllButSender));
@@ -338,7 +361,13 @@ mod tests {
         let turns = Cell::new(0);
         let mut counts = [0u32; 4];
         for _ in 0..300 {
-            match route(Pattern::FanInOut, &roster[..], 2, Intent::Request, &turns) {
+            match route(
+                Pattern::FanInOut,
+                &roster[..],
+                Some(2),
+                Intent::Request,
+                &turns,
+            ) {
                 Ok(Receivers::One(pos)) => counts[pos] += 1,
                 other => panic!("unexpected {other:?}"),
             }
@@ -346,7 +375,13 @@ mod tests {
         assert_eq!(counts, [100, 100, 0, 100]);
         let lone = Cell::new(0);
         assert_eq!(
-            route(Pattern::FanInOut, &ids(1)[..], 0, Intent::Request, &lone),
+            route(
+                Pattern::FanInOut,
+                &ids(1)[..],
+                Some(0),
+                Intent::Request,
+                &lone
+            ),
             Ok(Receivers::Sender)
         );
     }
@@ -362,7 +397,7 @@ mod tests {
                         route(
                             pattern,
                             &roster[..],
-                            sender,
+                            Some(sender),
                             Intent::Reply { origin },
                             &turns
                         ),
@@ -375,7 +410,7 @@ mod tests {
                 route(
                     pattern,
                     &roster[..],
-                    0,
+                    Some(0),
                     Intent::Reply { origin: stranger },
                     &turns
                 ),
@@ -405,7 +440,7 @@ mod tests {
                     for intent in intents {
                         let turns = Cell::new(0);
                         for _ in 0..8 {
-                            match route(pattern, &roster[..], sender, intent, &turns) {
+                            match route(pattern, &roster[..], Some(sender), intent, &turns) {
                                 Ok(Receivers::One(pos)) => {
                                     assert!(pos < roster.len());
                                     let reply_to_self = matches!(intent, Intent::Reply { origin } if origin == roster[sender]);
@@ -420,6 +455,44 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_publisher_outside_the_channel_reaches_every_client() {
+        let turns = Cell::new(0);
+        let outside = |pattern, roster: &[ClientId], intent| {
+            route(pattern, roster, None, intent, &turns).unwrap()
+        };
+        for pattern in [Pattern::PubSub, Pattern::ReqRepl] {
+            assert_eq!(
+                outside(pattern, &ids(0), Intent::Request),
+                Receivers::Nobody
+            );
+            assert_eq!(
+                outside(pattern, &ids(1), Intent::Request),
+                Receivers::AllButSender
+            );
+        }
+        assert_eq!(
+            outside(Pattern::Echo, &ids(3), Intent::Plain),
+            Receivers::Nobody
+        );
+        for pattern in [Pattern::PushPull, Pattern::FanInOut] {
+            assert_eq!(
+                outside(pattern, &ids(0), Intent::Request),
+                Receivers::Nobody
+            );
+            // A rotation over every client, nobody skipped.
+            let picks: Vec<_> = (0..6)
+                .map(|_| outside(pattern, &ids(3), Intent::Request))
+                .collect();
+            let start = match picks[0] {
+                Receivers::One(p) => p,
+                other => panic!("{other:?}"),
+            };
+            let expected: Vec<_> = (0..6).map(|i| Receivers::One((start + i) % 3)).collect();
+            assert_eq!(picks, expected);
         }
     }
 

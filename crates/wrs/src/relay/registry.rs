@@ -147,6 +147,7 @@ mod tests {
         client_limit: None,
         timeout: None,
         welcome: false,
+        history: None,
     };
 
     fn channel(id: &str) -> Arc<Channel> {

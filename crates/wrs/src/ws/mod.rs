@@ -526,9 +526,15 @@ mod tests {
             client_limit: None,
             timeout: None,
             welcome: false,
+            history: None,
         };
         let (channel, _token) = relay.create_channel(spec).await.unwrap();
-        let member = relay.reserve(&channel).await.unwrap().admit(None).unwrap();
+        let member = relay
+            .reserve(&channel, crate::relay::client::Wire::PLAIN)
+            .await
+            .unwrap()
+            .admit()
+            .unwrap();
         let client = member.client();
         let frame = codec::encode(OpCode::Text, b"0123456789");
         // A small pipe: the connection blocks writing long before the

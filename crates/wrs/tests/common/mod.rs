@@ -6,6 +6,7 @@
 
 pub mod nats;
 pub mod process;
+pub mod sse;
 
 use std::future::Future;
 use std::net::SocketAddr;
