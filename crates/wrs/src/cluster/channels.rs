@@ -100,6 +100,7 @@ impl NatsCoordinator {
                 .remove_if(id, |_, held| *held == revision);
             if ended {
                 self.clean_up_after(id);
+                self.forget_history(id);
                 return Ok(Ended::Ended);
             }
             // Ended by another node, or the revision was stale: look again.

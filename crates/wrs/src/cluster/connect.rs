@@ -9,6 +9,7 @@ use async_nats::jetstream::kv;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use super::history::HistoryStream;
 use super::records::{ChannelRecord, Counts, NodeRecord, Segment};
 use super::store::Bucket;
 use super::{ClusterError, ClusterSettings, MISSED_HEARTBEATS};
@@ -33,6 +34,8 @@ pub struct Store {
     /// Last activity of each channel, ms since the Unix epoch.
     pub activity: Bucket<u64>,
     pub nodes: Bucket<NodeRecord>,
+    /// The history of channels that keep one.
+    pub history: HistoryStream,
 }
 
 impl Store {
@@ -82,6 +85,12 @@ impl Store {
             open(bucket("nodes", settings.heartbeat * 10 * MISSED_HEARTBEATS)).await?,
             jetstream.clone(),
         );
+        let history = super::history::open(&jetstream, &settings.prefix, settings.kv_replicas)
+            .await
+            .map_err(|reason| ClusterError::Bucket {
+                bucket: format!("{}-history", settings.prefix),
+                reason,
+            })?;
         info!(node = %settings.node_id, prefix = %settings.prefix, urls = %settings.urls, "joined the cluster");
         Ok(Store {
             client,
@@ -90,6 +99,7 @@ impl Store {
             counts,
             activity,
             nodes,
+            history,
         })
     }
 

@@ -19,6 +19,7 @@ mod activity;
 mod channels;
 mod command;
 pub mod connect;
+mod history;
 mod liveness;
 mod membership;
 pub mod records;
@@ -46,6 +47,7 @@ use crate::relay::coordinator::{
     Tasks,
 };
 use crate::relay::deliver::{Outlet, Prepared, Source};
+use crate::relay::history::SharedHistory;
 use crate::relay::ids::{ChannelId, ClientId};
 use crate::relay::subprotocol::FrameError;
 use connect::Store;
@@ -405,5 +407,9 @@ impl Coordinator for NatsCoordinator {
 
     async fn leave(&self) {
         self.leave_cluster().await;
+    }
+
+    fn shared_history(&self) -> Option<&dyn SharedHistory> {
+        Some(self)
     }
 }

@@ -67,10 +67,10 @@ const MODE_EXACT: &str = "exact";
 
 /// A message for NATS.
 #[derive(Debug)]
-struct Outgoing {
-    subject: String,
-    headers: HeaderMap,
-    payload: Bytes,
+pub(super) struct Outgoing {
+    pub(super) subject: String,
+    pub(super) headers: HeaderMap,
+    pub(super) payload: Bytes,
 }
 
 #[derive(Debug)]
@@ -100,7 +100,7 @@ impl Transport {
     }
 }
 
-fn headers(channel: &ChannelId, sender: ClientId, prepared: &Prepared) -> HeaderMap {
+pub(super) fn headers(channel: &ChannelId, sender: ClientId, prepared: &Prepared) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert(CHANNEL, channel.as_str());
     headers.insert(SENDER, sender.to_string().as_str());
@@ -149,7 +149,7 @@ impl NatsCoordinator {
     }
 
     /// Queues a message for NATS without waiting.
-    fn send(&self, outgoing: Outgoing) {
+    pub(super) fn send(&self, outgoing: Outgoing) {
         match self.transport.outgoing_tx.try_send(outgoing) {
             Ok(()) => self.metrics.cluster.published.inc(),
             Err(_) => self.metrics.cluster.dropped.inc(),
@@ -337,9 +337,17 @@ impl NatsCoordinator {
         ) {
             let stop = tasks.stop().child_token();
             slot.insert(stop.clone());
+            let receiving = stop.clone();
             self.spawn(async move {
-                stop.run_until_cancelled(me.receive(subscriber)).await;
+                receiving.run_until_cancelled(me.receive(subscriber)).await;
             });
+            // A channel with history: its messages come from the stream.
+            if channel.spec().history.is_some()
+                && let Err(error) = self.consume_history(channel.id(), stop).await
+            {
+                self.drop_interest(channel.id());
+                return Err(JoinRefusal::Unavailable(error));
+            }
         }
         Ok(())
     }
@@ -444,7 +452,7 @@ impl NatsCoordinator {
 }
 
 /// Reads a relayed message's headers.
-fn inbound(message: &async_nats::Message) -> Option<(ChannelId, Inbound)> {
+pub(super) fn inbound(message: &async_nats::Message) -> Option<(ChannelId, Inbound)> {
     let headers = message.headers.as_ref()?;
     let header = |name: &str| headers.get(name).map(|v| v.as_str());
     let channel = header(CHANNEL).and_then(ChannelId::parse)?;

@@ -19,7 +19,7 @@ use crate::relay::channel::Channel;
 use crate::relay::client::{CloseReason, Wire};
 use crate::relay::ids::{ChannelId, ClientId};
 use crate::relay::pattern::Pattern;
-use crate::relay::{CallError, ConnectError, Message};
+use crate::relay::{CallError, ConnectError, Message, PublishError};
 use crate::sse;
 
 /// The header that may carry the channel's token instead of `?token=`.
@@ -181,7 +181,10 @@ pub async fn publish(
     let relay = &app.relay;
     match channel.pattern() {
         Pattern::Echo => {
-            relay.publish(&channel, &message).map_err(frame_error)?;
+            relay
+                .publish(&channel, &message)
+                .await
+                .map_err(publish_error)?;
             let content_type = headers
                 .get(header::CONTENT_TYPE)
                 .cloned()
@@ -193,7 +196,10 @@ pub async fn publish(
                 .into_response())
         }
         Pattern::PubSub => {
-            let delivered = relay.publish(&channel, &message).map_err(frame_error)?;
+            let delivered = relay
+                .publish(&channel, &message)
+                .await
+                .map_err(publish_error)?;
             Ok(accepted(Published {
                 receivers: Some(delivered.addressed),
                 receiver: None,
@@ -201,7 +207,10 @@ pub async fn publish(
             }))
         }
         Pattern::PushPull => {
-            let delivered = relay.publish(&channel, &message).map_err(frame_error)?;
+            let delivered = relay
+                .publish(&channel, &message)
+                .await
+                .map_err(publish_error)?;
             let receiver = delivered.to.ok_or_else(no_receiver)?;
             Ok(accepted(Published {
                 receivers: None,
@@ -255,6 +264,13 @@ fn no_receiver() -> ApiError {
         "no_receiver",
         "no client is connected to receive the message; nothing was kept",
     )
+}
+
+fn publish_error(error: PublishError) -> ApiError {
+    match error {
+        PublishError::Invalid(error) => frame_error(error),
+        PublishError::Unavailable(error) => error.into(),
+    }
 }
 
 fn frame_error(error: crate::relay::subprotocol::FrameError) -> ApiError {
@@ -312,16 +328,17 @@ pub async fn history(
         u64::from(crate::relay::history::MAX_SIZE),
     )?
     .unwrap_or(DEFAULT_LIMIT);
-    let Some(history) = channel.history() else {
+    let Some(slice) = app
+        .relay
+        .read_history(&channel, since, limit as usize)
+        .await?
+    else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "no_history",
             format!("channel {id} keeps no history; create it with \"history\": {{\"size\": N}}"),
         ));
     };
-    let slice = history
-        .lock()
-        .after(app.relay.clock().now_ms(), since, limit as usize);
     let messages = slice
         .entries
         .iter()
@@ -422,11 +439,12 @@ async fn subscribe(
     // delivered to the member after it; copies of both are skipped.
     let mut first = bytes::BytesMut::from(&sse::retry()[..]);
     let mut skip_through = 0;
-    if let (Some(last), Some(history)) = (last, channel.history()) {
-        let slice = history
-            .lock()
-            .after(app.relay.clock().now_ms(), last, usize::MAX);
-        if slice.expired_after(last) {
+    let kept = match last {
+        Some(last) => app.relay.read_history(&channel, last, usize::MAX).await?,
+        None => None,
+    };
+    if let Some(slice) = kept {
+        if slice.expired {
             first.extend_from_slice(&sse::reset(slice.oldest));
         }
         for entry in &slice.entries {

@@ -23,6 +23,7 @@ use super::channel::{Channel, ChannelSpec};
 use super::client::{CloseReason, Transport};
 use super::clock::Clock;
 use super::deliver::{Inbound, Outlet, Prepared, Source};
+use super::history::SharedHistory;
 use super::ids::{ChannelId, ClientId, TokenDigest};
 use super::subprotocol::FrameError;
 use super::{Delivered, NodeState};
@@ -322,6 +323,12 @@ pub trait Coordinator: Send + Sync + fmt::Debug + 'static {
 
     /// This node stops: remove what it holds in shared state.
     async fn leave(&self);
+
+    /// The history of channels that keep one, when it is kept outside
+    /// this process; `None`: the relay keeps it in memory.
+    fn shared_history(&self) -> Option<&dyn SharedHistory> {
+        None
+    }
 }
 
 /// What a coordinator may do with this node's relay. Holds the relay

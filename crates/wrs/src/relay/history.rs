@@ -1,6 +1,8 @@
-//! A pub-sub channel's history on this node (standalone): the last
-//! `size` messages younger than `ttl`, each with an offset that increases
-//! by one per message, and the channel's epoch, which names this history.
+//! A pub-sub channel's history: the last `size` messages younger than
+//! `ttl`, each with an offset that increases per message, and the
+//! channel's epoch, which names the history. Standalone it is kept here,
+//! in memory, with offsets that increase by one; in a cluster the
+//! coordinator keeps it ([`SharedHistory`]).
 //!
 //! Offsets are given out under the history's lock by the message path,
 //! which delivers the message before it lets go (see `Relay::dispatch`),
@@ -12,6 +14,11 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use rand::RngExt;
+
+use super::Delivered;
+use super::channel::Channel;
+use super::coordinator::CoordinatorError;
+use super::deliver::{Prepared, Source};
 
 /// Most bytes of payload one channel's history keeps, whatever its size:
 /// 10 000 messages of the largest size would be 10 GiB.
@@ -42,6 +49,19 @@ pub struct Entry {
     kept_ms: u64,
 }
 
+impl Entry {
+    /// A message kept elsewhere (the ttl is not this module's concern).
+    pub fn kept(offset: u64, at: SystemTime, binary: bool, payload: Bytes) -> Self {
+        Self {
+            offset,
+            at,
+            binary,
+            payload,
+            kept_ms: 0,
+        }
+    }
+}
+
 /// What a reader gets: the kept messages after an offset.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Slice {
@@ -50,15 +70,39 @@ pub struct Slice {
     pub oldest: u64,
     /// The newest offset given out (0 before the first message).
     pub newest: u64,
+    /// Messages after the offset asked for were dropped before they could
+    /// be read: that offset is older than what is kept.
+    pub expired: bool,
     pub entries: Vec<Entry>,
 }
 
-impl Slice {
-    /// Whether messages after `after` were dropped before they could be
-    /// read: the offset is older than what is kept.
-    pub fn expired_after(&self, after: u64) -> bool {
-        after.saturating_add(1) < self.oldest
-    }
+/// A history kept outside this process (in a cluster): every node reads
+/// the same messages with the same offsets, and messages of a channel
+/// with history reach every node's clients through it, in offset order.
+#[async_trait::async_trait]
+pub trait SharedHistory: Send + Sync {
+    /// Keeps a message and delivers it to the channel's clients on every
+    /// node, this one included, without waiting. Returns what is known
+    /// at once (how many clients it is for).
+    fn relay(&self, channel: &Channel, source: Source, prepared: &Prepared) -> Delivered;
+
+    /// Like [`SharedHistory::relay`], and waits until the message is kept;
+    /// the delivery carries its offset.
+    async fn publish(
+        &self,
+        channel: &Channel,
+        source: Source,
+        prepared: &Prepared,
+    ) -> Result<Delivered, CoordinatorError>;
+
+    /// The kept messages with an offset above `after`, oldest first, at
+    /// most `limit`.
+    async fn read(
+        &self,
+        channel: &Channel,
+        after: u64,
+        limit: usize,
+    ) -> Result<Slice, CoordinatorError>;
 }
 
 /// A history's state.
@@ -135,10 +179,12 @@ impl History {
     pub fn after(&mut self, now_ms: u64, after: u64, limit: usize) -> Slice {
         self.expire(now_ms);
         let start = self.entries.partition_point(|entry| entry.offset <= after);
+        let oldest = self.entries.front().map_or(self.next, |entry| entry.offset);
         Slice {
             epoch: self.epoch.clone(),
-            oldest: self.entries.front().map_or(self.next, |entry| entry.offset),
+            oldest,
             newest: self.next - 1,
+            expired: after.saturating_add(1) < oldest,
             entries: self.entries.range(start..).take(limit).cloned().collect(),
         }
     }
@@ -169,8 +215,8 @@ mod tests {
         assert_eq!(offsets(&all), [3, 4, 5]);
         assert_eq!((all.oldest, all.newest), (3, 5));
         assert_eq!(all.entries[0].payload, "3");
-        assert!(all.expired_after(0) && all.expired_after(1));
-        assert!(!all.expired_after(2) && !all.expired_after(5));
+        assert!(all.expired && h.after(0, 1, 100).expired);
+        assert!(!h.after(0, 2, 100).expired && !h.after(0, 5, 100).expired);
         assert_eq!(offsets(&h.after(0, 4, 100)), [5]);
         assert_eq!(offsets(&h.after(0, 3, 1)), [4]);
         // Beyond the newest offset: nothing, and not an error.
@@ -189,7 +235,7 @@ mod tests {
         let slice = h.after(1_500, 0, 100);
         assert!(slice.entries.is_empty());
         assert_eq!((slice.oldest, slice.newest), (3, 2));
-        assert!(slice.expired_after(1) && !slice.expired_after(2));
+        assert!(h.after(1_500, 1, 100).expired && !h.after(1_500, 2, 100).expired);
         assert_eq!(h.push(1_600, false, Bytes::new()), 3);
     }
 

@@ -48,6 +48,7 @@ use dashmap::DashMap;
 use deliver::{Inbound, Outlet, Prepared, Source, prepare};
 use evacuate::Evacuation;
 pub use evacuate::{DrainKind, DrainSettings, RebalanceSettings};
+use history::Slice;
 use ids::{ChannelId, ClientId, Token};
 use overload::{Capacity, Refusal};
 use pattern::Intent;
@@ -271,6 +272,15 @@ impl Drop for OpenCall<'_> {
         self.relay.calls.remove(&self.origin);
         self.relay.coordinator.close_call(self.origin);
     }
+}
+
+/// Why a message published over HTTP was not relayed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("{0}")]
+    Invalid(FrameError),
+    #[error(transparent)]
+    Unavailable(CoordinatorError),
 }
 
 /// Why an HTTP call into a `req-repl` or `fan-in-out` channel failed.
@@ -787,12 +797,62 @@ impl Relay {
     /// # Errors
     ///
     /// A [`FrameError`] for a sub-protocol frame that cannot be relayed.
-    pub fn publish(
+    pub async fn publish(
         &self,
         channel: &Arc<Channel>,
         message: &Message,
-    ) -> Result<Delivered, FrameError> {
-        self.relay(channel, Source::Outside(ClientId::call()), message)
+    ) -> Result<Delivered, PublishError> {
+        let source = Source::Outside(ClientId::call());
+        let shared = self.coordinator.shared_history();
+        let (Some(shared), Some(_)) = (shared, channel.history()) else {
+            return self
+                .relay(channel, source, message)
+                .map_err(PublishError::Invalid);
+        };
+        // Kept in the cluster's history first: the answer carries the offset.
+        let pattern = channel.pattern();
+        self.metrics
+            .message_in(pattern, message.payload().len() as u64);
+        let prepared = prepare(pattern, source.id(), message).map_err(PublishError::Invalid)?;
+        let delivered = shared
+            .publish(channel, source, &prepared)
+            .await
+            .map_err(PublishError::Unavailable)?;
+        self.relayed(channel, &delivered);
+        Ok(delivered)
+    }
+
+    /// The kept messages of a channel with history after `after`, oldest
+    /// first, at most `limit`; `None` for a channel without history.
+    ///
+    /// # Errors
+    ///
+    /// [`CoordinatorError`] when the cluster's history cannot be read.
+    pub async fn read_history(
+        &self,
+        channel: &Channel,
+        after: u64,
+        limit: usize,
+    ) -> Result<Option<Slice>, CoordinatorError> {
+        let Some(history) = channel.history() else {
+            return Ok(None);
+        };
+        match self.coordinator.shared_history() {
+            Some(shared) => shared.read(channel, after, limit).await.map(Some),
+            None => Ok(Some(history.lock().after(
+                self.clock.now_ms(),
+                after,
+                limit,
+            ))),
+        }
+    }
+
+    /// Bookkeeping after a message was relayed: activity, counters.
+    fn relayed(&self, channel: &Arc<Channel>, delivered: &Delivered) {
+        channel.touch();
+        self.coordinator.note_activity(channel);
+        self.metrics
+            .delivered(channel.pattern(), delivered.frames, delivered.bytes);
     }
 
     fn relay(
@@ -811,11 +871,12 @@ impl Relay {
                 return self.answer(channel, source.id(), origin, &prepared);
             }
             let outlet = self.outlet();
-            match channel.history() {
+            match (channel.history(), self.coordinator.shared_history()) {
+                (Some(_), Some(shared)) => Ok(shared.relay(channel, source, &prepared)),
                 // Numbered and delivered under the history's lock: every
                 // client sees offsets in order, and a reader sees each
                 // message either kept or delivered (see `history`).
-                Some(history) => {
+                (Some(history), None) => {
                     let mut history = history.lock();
                     prepared.offset = Some(history.push(
                         self.clock.now_ms(),
@@ -824,7 +885,7 @@ impl Relay {
                     ));
                     self.coordinator.relay(&outlet, channel, source, &prepared)
                 }
-                None => self.coordinator.relay(&outlet, channel, source, &prepared),
+                (None, _) => self.coordinator.relay(&outlet, channel, source, &prepared),
             }
             .map(|delivered| Delivered {
                 offset: prepared.offset,
@@ -833,10 +894,7 @@ impl Relay {
         });
         match relayed {
             Ok(delivered) => {
-                channel.touch();
-                self.coordinator.note_activity(channel);
-                self.metrics
-                    .delivered(pattern, delivered.frames, delivered.bytes);
+                self.relayed(channel, &delivered);
                 Ok(delivered)
             }
             Err(error) => {
