@@ -336,3 +336,50 @@ async fn history_is_kept_in_jetstream_and_read_alike_on_every_node() {
     let close: Value = serde_json::from_str(&close.unwrap().data).unwrap();
     assert_eq!(close["code"], 4001);
 }
+
+#[tokio::test]
+async fn an_sse_client_of_a_drained_node_resumes_on_another_with_exactly_the_sequence() {
+    const TOTAL: usize = 10_000;
+    let nats = NatsServer::start().await;
+    let nodes = three_nodes(&NodeOptions::new(nats.url())).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let channel = a
+        .create(json!({"pattern": "pub-sub", "history": {"size": TOTAL}}))
+        .await;
+    let mut publisher = a.connect(&channel).await;
+    let mut events = sse(b, &channel, None).await;
+    wait_everywhere(&[a, b, c], &channel.id, 2).await;
+    // A WebSocket client on A publishes at full rate.
+    let publishing = tokio::spawn(async move {
+        for i in 0..TOTAL {
+            publisher.send_text(i.to_string()).await;
+        }
+        publisher
+    });
+    let mut received: Vec<usize> = Vec::new();
+    let mut last_id = String::new();
+    while received.len() < 2_000 {
+        let event = events.event().await;
+        received.push(event.data.parse().unwrap());
+        last_id = event.id.unwrap();
+    }
+    // B drains: its SSE client is closed with 1012 after what it was sent.
+    let (status, body) = a.post("/cluster/node-b/drain", "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (before, close) = events.until_close().await;
+    for event in before {
+        received.push(event.data.parse().unwrap());
+        last_id = event.id.unwrap();
+    }
+    let close: Value = serde_json::from_str(&close.expect("close event").data).unwrap();
+    assert_eq!(close["code"], 1012);
+    // It reconnects elsewhere with the last id it saw and resumes.
+    let mut events = sse(c, &channel, Some(&last_id)).await;
+    while received.len() < TOTAL {
+        let event = events.event().await;
+        assert_ne!(event.event, "reset");
+        received.push(event.data.parse().unwrap());
+    }
+    let _publisher = publishing.await.unwrap();
+    assert_eq!(received, (0..TOTAL).collect::<Vec<_>>());
+}

@@ -4,6 +4,8 @@
 //! added to a loaded cluster fills up as the others shed, with clients
 //! that reconnect through HAProxy on 1012 as the docs tell them to.
 
+#[path = "common/browser.rs"]
+mod browser;
 mod common;
 
 use std::collections::HashMap;
@@ -615,4 +617,152 @@ async fn a_node_stopped_under_traffic_drains_at_its_pace_onto_the_others() {
         span >= Duration::from_secs_f64((CLIENTS - RATE) as f64 / RATE as f64),
         "{span:?}"
     );
+}
+
+/// The channel's clients as (node, transport).
+async fn listed(server: &TestServer, channel: &str) -> Vec<(String, String)> {
+    let (_, body) = server.get(&format!("/channels/{channel}/clients")).await;
+    body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["node"].as_str().unwrap().to_owned(),
+                c["transport"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// A browser's `EventSource` through HAProxy on a pub-sub channel with
+/// history: its node is drained while messages are published, it gets the
+/// `close` event with 1012, reconnects by itself (through HAProxy, onto the
+/// other node) with `Last-Event-ID`, and ends with every message exactly
+/// once, in order; deleting the channel gives it `close` with 4001.
+#[tokio::test]
+async fn an_event_source_in_chromium_survives_a_node_drain_without_gap_or_repeat() {
+    const TOTAL: u64 = 300;
+    let nats = NatsServer::start().await;
+    let options = NodeOptions::new(nats.url());
+    // The shipped configuration lists three servers; the third stays down.
+    let all = [ports(), ports(), ports()];
+    let a = start_node(&options, "node-a", &all[0], |_| {}).await;
+    let b = start_node(&options, "node-b", &all[1], |_| {}).await;
+    let haproxy = Haproxy::start(&all).await;
+    eventually("both nodes up in haproxy", || async {
+        let servers = haproxy.servers().await;
+        (servers.get("wrs-1")?.0 == "UP" && servers.get("wrs-2")?.0 == "UP").then_some(())
+    })
+    .await;
+    let feed = a
+        .create(serde_json::json!({"pattern": "pub-sub", "history": {"size": 1000}}))
+        .await;
+    let browser = browser::Browser::start().await;
+    browser
+        .goto(&format!("http://127.0.0.1:{}/client", haproxy.port))
+        .await;
+    browser
+        .execute(
+            r#"
+            window.got = []; window.closes = [];
+            const es = new EventSource(`/channels/${arguments[0]}/events?token=${arguments[1]}`);
+            es.onmessage = (e) => window.got.push([e.lastEventId, e.data]);
+            es.addEventListener("close", (e) => {
+                const code = JSON.parse(e.data).code;
+                window.closes.push(code);
+                // The channel is gone: stop the browser from reconnecting.
+                if (code === 4001 || code === 4002) es.close();
+            });
+            window.feed = es;
+            "#,
+            vec![feed.id.clone().into(), feed.token.clone().into()],
+        )
+        .await;
+    let first = eventually("the EventSource listed", || async {
+        let clients = listed(&a, &feed.id).await;
+        (clients.len() == 1).then(|| clients[0].clone())
+    })
+    .await;
+    assert_eq!(first.1, "sse");
+    let publisher = if first.0 == "node-a" { &b } else { &a };
+    let got = || async {
+        browser
+            .execute("return window.got.length;", vec![])
+            .await
+            .as_u64()
+            .unwrap()
+    };
+    for n in 0..TOTAL {
+        if n == TOTAL / 3 {
+            // Some arrived; then its node drains.
+            eventually("the first messages in the page", || async {
+                (got().await >= 10).then_some(())
+            })
+            .await;
+            let (status, body) = publisher
+                .post(&format!("/cluster/{}/drain", first.0), "")
+                .await;
+            assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+        }
+        let response = publisher
+            .http
+            .post(publisher.url(&format!(
+                "/channels/{}/messages?token={}",
+                feed.id, feed.token
+            )))
+            .body(n.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eventually_within(
+        Duration::from_secs(30),
+        "every message in the page",
+        || async { (got().await >= TOTAL).then_some(()) },
+    )
+    .await;
+    let page = browser
+        .execute("return {got: window.got, closes: window.closes};", vec![])
+        .await;
+    let data: Vec<u64> = page["got"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e[1].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(
+        data,
+        (0..TOTAL).collect::<Vec<_>>(),
+        "gapless, no repeats, in order"
+    );
+    let ids: Vec<u64> = page["got"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e[0].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "offsets increase");
+    assert_eq!(page["closes"], serde_json::json!([1012]));
+    // It came back on the other node.
+    let now = eventually("the EventSource listed again", || async {
+        let clients = listed(publisher, &feed.id).await;
+        (clients.len() == 1).then(|| clients[0].clone())
+    })
+    .await;
+    assert_ne!(now.0, first.0, "reconnected to the drained node");
+    // Deleted: `close` with 4001, and the page stops its EventSource.
+    let (status, _) = publisher.delete(&format!("/channels/{}", feed.id)).await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+    eventually("the 4001 close in the page", || async {
+        let state = browser
+            .execute("return [window.closes, window.feed.readyState];", vec![])
+            .await;
+        (state == serde_json::json!([[1012, 4001], 2])).then_some(())
+    })
+    .await;
+    browser.screenshot("sse-drain").await;
+    browser.close().await;
 }
