@@ -53,6 +53,12 @@ impl TokenBucket {
     }
 
     fn refill(&mut self, now: Instant) {
+        if self.tokens == self.burst {
+            // Time spent full earns nothing: the next token is a whole
+            // interval after the first one taken.
+            self.filled = now;
+            return;
+        }
         let elapsed = now.saturating_duration_since(self.filled);
         let earned = elapsed.as_nanos() / self.per_token.as_nanos().max(1);
         if earned == 0 {
@@ -205,6 +211,22 @@ mod tests {
         tokio::time::advance(Duration::from_secs(60)).await;
         let now = Instant::now();
         assert_eq!((0..10).filter(|_| bucket.try_take(now)).count(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn time_spent_full_does_not_bring_the_next_token_closer() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(10, 5, start);
+        // Full for 50 ms, then the burst goes at once.
+        tokio::time::advance(Duration::from_millis(50)).await;
+        let burst = Instant::now();
+        assert_eq!((0..10).filter(|_| bucket.try_take(burst)).count(), 5);
+        // The next token is a whole interval after the burst, not 50 ms.
+        assert_eq!(bucket.wait(burst), Duration::from_millis(100));
+        tokio::time::advance(Duration::from_millis(99)).await;
+        assert!(!bucket.try_take(Instant::now()));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(bucket.try_take(Instant::now()));
     }
 
     #[tokio::test(start_paused = true)]
