@@ -18,6 +18,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use crate::relay::admission::Member;
 use crate::relay::client::CloseReason;
+use crate::relay::evacuate::reason_label;
 use crate::relay::history::Entry;
 
 /// The reconnect delay a stream asks browsers for, in ms (its `retry:`
@@ -117,14 +118,18 @@ pub struct Events {
     skip_through: u64,
     pending: VecDeque<Bytes>,
     keepalive: Interval,
+    /// `WRS_MAX_CONNECTION_AGE_MS`: closed with 1012 at about this time.
+    max_age: Option<Instant>,
     done: bool,
 }
 
 impl Events {
     pub fn new(member: Member, first: Bytes, skip_through: u64, keepalive: Duration) -> Self {
-        let mut keepalive = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
+        let now = Instant::now();
+        let mut keepalive = tokio::time::interval_at(now + keepalive, keepalive);
         keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Self {
+            max_age: member.relay().connection_deadline(now),
             member,
             first: Some(first),
             skip_through,
@@ -169,9 +174,17 @@ impl Events {
             if !chunk.is_empty() {
                 return Some(chunk.freeze());
             }
+            let aged = tokio::time::sleep_until(self.max_age.unwrap_or_else(Instant::now));
             tokio::select! {
                 () = client.outbox.notified() => {}
                 _ = self.keepalive.tick() => return Some(Bytes::from_static(KEEPALIVE)),
+                () = aged, if self.max_age.is_some() => {
+                    self.max_age = None;
+                    let (channel, relay) = (self.member.channel(), self.member.relay());
+                    if channel.disconnect(client.id(), CloseReason::MaxAge) {
+                        relay.metrics().client_closed(reason_label(CloseReason::MaxAge));
+                    }
+                }
             }
         }
     }

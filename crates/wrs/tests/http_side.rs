@@ -715,3 +715,18 @@ async fn a_slow_sse_consumer_is_closed_by_the_slow_consumer_policy() {
     assert_eq!(close, json!({"code": 1008, "reason": "slow consumer"}));
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_sse_client_is_closed_with_1012_at_the_maximum_connection_age() {
+    let server = TestServer::with(|c| c.max_connection_age_ms = Some(1_000)).await;
+    let channel = server.create_pattern("pub-sub").await;
+    let connected = tokio::time::Instant::now();
+    let mut events = sse(&server, &channel).await;
+    let (before, close) = events.until_close().await;
+    assert!(before.is_empty());
+    let close: Value = serde_json::from_str(&close.expect("close event").data).unwrap();
+    assert_eq!(close, json!({"code": 1012, "reason": "max connection age"}));
+    // ±10 %: not before 0.9 s.
+    assert!(connected.elapsed() >= std::time::Duration::from_millis(900));
+    server.wait_for_clients(&channel.id, 0).await;
+}
