@@ -18,7 +18,10 @@
 //! evaluation mode, through chromedriver's CDP bridge), with only the
 //! server address, channel ids and tokens swapped in: creating, sharing and
 //! connecting, the chat, the job queue, the poll, the map-reduce, and a
-//! create with the API token.
+//! create with the API token; and the live feed of section 7, an
+//! `EventSource` that resumes after a drain (by the browser's own
+//! `Last-Event-ID`, and by the snippet's reopening once the browser gave
+//! up), sees a `reset` when it was away too long, and stops on 4001.
 
 #[path = "common/browser.rs"]
 mod browser;
@@ -493,10 +496,11 @@ async fn bounded<F: std::future::Future>(future: F) -> F::Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tutorial_browser_code_runs_as_written() {
     // The tutorial says every one of its JavaScript blocks runs here: a new
-    // block needs its place below.
+    // block needs its place below (the live feed of section 7 runs in
+    // `tutorial_live_feed_resumes_after_a_drain`).
     assert_eq!(
         TUTORIAL.matches("```js\n").count(),
-        14,
+        15,
         "docs/tutorial.md has a JavaScript block this test does not run"
     );
     let server = TestServer::start().await;
@@ -754,6 +758,158 @@ async fn tutorial_browser_code_runs_as_written() {
         "{created:?}"
     );
     guarded.shutdown().await;
+
+    tabs.close().await;
+    server.shutdown().await;
+}
+
+/// Publishes one message over HTTP; it must be accepted.
+async fn publish(server: &TestServer, channel: &common::Created, body: Vec<u8>, binary: bool) {
+    let response = bounded(
+        server
+            .http
+            .post(server.url(&format!("/channels/{}/messages", channel.id)))
+            .header("wrs-token", &channel.token)
+            .header(
+                "content-type",
+                if binary {
+                    "application/octet-stream"
+                } else {
+                    "text/plain"
+                },
+            )
+            .body(body)
+            .send(),
+    )
+    .await
+    .expect("publish");
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+}
+
+/// How many refused connects `/metrics` counts for `reason`.
+async fn rejections(server: &TestServer, reason: &str) -> u64 {
+    let text = bounded(
+        bounded(server.http.get(server.url("/metrics")).send())
+            .await
+            .expect("metrics")
+            .text(),
+    )
+    .await
+    .expect("metrics text");
+    let line = format!("wrs_connect_rejections_total{{reason=\"{reason}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .map_or(0, |n| n.trim().parse().expect("a count"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tutorial_live_feed_resumes_after_a_drain() {
+    let server = TestServer::start().await;
+    // History of 5, so that a longer absence ends in a `reset`.
+    let channel = server
+        .create(serde_json::json!({"pattern": "pub-sub", "history": {"size": 5}}))
+        .await;
+    let mut tabs = Tabs::start().await;
+    let tab = tabs.open(&server.url("/readme")).await;
+    let code = with_channel(
+        &for_server(&snippet("function openFeed()"), &server),
+        &channel.id,
+        &channel.token,
+    );
+    tabs.run(&tab, &code).await;
+    server.wait_for_clients(&channel.id, 1).await;
+    let (_, clients) = server
+        .get(&format!("/channels/{}/clients", channel.id))
+        .await;
+    assert_eq!(clients["data"][0]["transport"], "sse", "{clients}");
+
+    // Live: text (its line breaks, whichever, arrive as \n) and binary.
+    for text in ["one", "two\nlines", "three\r\ncrlf"] {
+        publish(&server, &channel, text.into(), false).await;
+    }
+    publish(&server, &channel, vec![0, 1, 2, 255], true).await;
+    tabs.wait_for_logs(&tab, "#4 binary, 4 bytes: 0 1 2 255", 1)
+        .await;
+
+    // A drain closes the stream with 1012. What is published meanwhile
+    // arrives once the browser reconnects by itself (after the stream's
+    // retry delay, 1 s) with Last-Event-ID, the node being ready again.
+    let (status, body) = server.post("/cluster/test-node/drain", "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    server.wait_for_clients(&channel.id, 0).await;
+    publish(&server, &channel, "while away".into(), false).await;
+    let (status, body) = server.post("/cluster/test-node/ready", "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    tabs.wait_for_logs(&tab, "feed closed: 1012 draining", 1)
+        .await;
+    tabs.wait_for_logs(&tab, "#5 while away", 1).await;
+    server.wait_for_clients(&channel.id, 1).await;
+    publish(&server, &channel, "live again".into(), false).await;
+    tabs.wait_for_logs(&tab, "#6 live again", 1).await;
+    let logs = tabs.logs(&tab).await;
+    assert!(
+        !logs.iter().any(|l| l.contains("gave up")),
+        "the browser's own reconnect resumed the feed: {logs:#?}"
+    );
+
+    // A drain that lasts: the browser's reconnect is refused (503) and it
+    // gives up; the snippet opens a new EventSource with ?lastEventId=.
+    // Six messages meanwhile overflow the history of 5: `reset` first,
+    // then the five kept ones.
+    let (status, body) = server.post("/cluster/test-node/drain", "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    tabs.wait_for_logs(&tab, "feed closed: 1012 draining", 2)
+        .await;
+    for n in 1..=6 {
+        publish(&server, &channel, format!("away {n}").into_bytes(), false).await;
+    }
+    tabs.wait_for_logs(&tab, "the browser gave up reconnecting", 1)
+        .await;
+    assert!(rejections(&server, "draining").await >= 1);
+    let (status, body) = server.post("/cluster/test-node/ready", "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    tabs.wait_for_logs(&tab, "#12 away 6", 1).await;
+    let reset = tabs
+        .wait_for_logs(&tab, "missed: what came before #8 is no longer kept", 1)
+        .await;
+    assert_eq!(reset.len(), 1, "{reset:?}");
+
+    // Every message once, in order: nothing lost (but the one the
+    // history no longer had) and nothing twice.
+    let shown: Vec<String> = tabs
+        .logs(&tab)
+        .await
+        .into_iter()
+        .filter(|l| l.starts_with('#'))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            "#1 one",
+            "#2 two\nlines",
+            "#3 three\ncrlf",
+            "#4 binary, 4 bytes: 0 1 2 255",
+            "#5 while away",
+            "#6 live again",
+            "#8 away 2",
+            "#9 away 3",
+            "#10 away 4",
+            "#11 away 5",
+            "#12 away 6",
+        ]
+    );
+
+    // Deleted: 4001, and the snippet closes the EventSource, so the
+    // browser does not come back (it would be refused as not found).
+    server.wait_for_clients(&channel.id, 1).await;
+    let (status, body) = server.delete(&format!("/channels/{}", channel.id)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    tabs.wait_for_logs(&tab, "feed closed: 4001 channel deleted", 1)
+        .await;
+    assert_eq!(tabs.run(&tab, "feed.readyState").await, 2);
+    // Twice the retry delay: a reconnect would have been refused by now.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    assert_eq!(rejections(&server, "channel_not_found").await, 0);
 
     tabs.close().await;
     server.shutdown().await;

@@ -40,8 +40,29 @@ async fn documented(server: &TestServer) -> Vec<(String, String)> {
     operations
 }
 
-/// A request that the route can answer: a real channel for `{id}`, a valid
-/// body for creates.
+/// Whether `path` is one of the HTTP side's (SPEC §10): publish and
+/// history (`/messages`) and Server-Sent Events (`/events`).
+fn http_side(path: &str) -> bool {
+    path.ends_with("/messages") || path.ends_with("/events")
+}
+
+/// A fresh channel that `path` can serve: a pub-sub channel with history
+/// for the HTTP side (history reads need one, event streams refuse echo),
+/// an echo channel for everything else.
+async fn channel_for(server: &TestServer, path: &str) -> Created {
+    if http_side(path) {
+        server
+            .create(serde_json::json!({"pattern": "pub-sub", "history": {"size": 10}}))
+            .await
+    } else {
+        server.create_pattern("echo").await
+    }
+}
+
+/// A request that the route can answer: a real channel for `{id}` (with
+/// its token where the route needs it), a valid body for creates. An
+/// event stream never ends by itself: its answer is the status and the
+/// stream's first chunk.
 async fn call(
     server: &TestServer,
     method: &str,
@@ -49,7 +70,7 @@ async fn call(
     channel: &Created,
 ) -> (StatusCode, String) {
     let mut url = server.url(&path.replace("{id}", &channel.id));
-    if path.ends_with("/connect") {
+    if path.ends_with("/connect") || http_side(path) {
         url.push_str(&format!("?token={}", channel.token));
     }
     if path.ends_with("/create") {
@@ -61,9 +82,20 @@ async fn call(
     if method == "POST" {
         request = request.body(r#"{"pattern":"echo"}"#);
     }
-    let response = bounded(path, request.send()).await.unwrap();
+    let mut response = bounded(path, request.send()).await.unwrap();
     let status = response.status();
-    (status, response.text().await.unwrap())
+    let is_stream = response
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if is_stream {
+        let first = bounded(path, response.chunk())
+            .await
+            .unwrap()
+            .unwrap_or_default();
+        return (status, String::from_utf8_lossy(&first).into_owned());
+    }
+    (status, bounded(path, response.text()).await.unwrap())
 }
 
 #[tokio::test]
@@ -77,7 +109,7 @@ async fn every_documented_operation_answers_and_every_route_is_documented() {
         );
         for (method, path) in &operations {
             // A fresh channel each time: some operations delete it.
-            let channel = server.create_pattern("echo").await;
+            let channel = channel_for(&server, path).await;
             let (status, body) = call(&server, method, path, &channel).await;
             let route_missing = status == StatusCode::METHOD_NOT_ALLOWED
                 || (status == StatusCode::NOT_FOUND && body.contains("\"error\":\"not_found\""));
@@ -88,6 +120,10 @@ async fn every_documented_operation_answers_and_every_route_is_documented() {
             if path.ends_with("/connect") {
                 // A plain GET to the upgrade route is answered with 426.
                 assert_eq!(status, StatusCode::UPGRADE_REQUIRED, "{body}");
+            } else if path.ends_with("/events") {
+                // The stream starts with its retry line.
+                assert_eq!(status, StatusCode::OK, "{body}");
+                assert_eq!(body, "retry: 1000\n\n");
             } else if path.starts_with("/cluster/{nodeId}") {
                 // A standalone node has no other node to evict, drain or
                 // make ready (the test's path names none).
@@ -107,7 +143,7 @@ async fn every_documented_operation_answers_and_every_route_is_documented() {
                 if operations.contains(&(method.clone(), path.clone())) {
                     continue;
                 }
-                let channel = server.create_pattern("echo").await;
+                let channel = channel_for(&server, path).await;
                 let (status, body) = call(&server, &method, path, &channel).await;
                 assert_eq!(
                     status,
@@ -134,21 +170,87 @@ async fn schemas_describe_the_real_bodies() {
         keys.sort();
         keys
     };
-    // The schema's fields are exactly the fields a real channel has.
-    let channel = server.create_pattern("pub-sub").await;
-    let mut real: Vec<String> = channel.body["data"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .cloned()
-        .collect();
-    real.sort();
-    assert_eq!(props("ChannelView"), real);
+    let keys = |value: &Value| -> Vec<String> {
+        let mut keys: Vec<String> = value
+            .as_object()
+            .unwrap_or_else(|| panic!("not an object: {value}"))
+            .keys()
+            .cloned()
+            .collect();
+        keys.sort();
+        keys
+    };
+    // The schema's fields are exactly the fields a real channel with
+    // history has; one without history has all but `history`.
+    let channel = server
+        .create(serde_json::json!({"pattern": "pub-sub", "history": {"size": 3}}))
+        .await;
+    assert_eq!(props("ChannelView"), keys(&channel.body["data"]));
+    let plain = server.create_pattern("pub-sub").await;
+    let mut without: Vec<String> = props("ChannelView");
+    without.retain(|k| k != "history");
+    assert_eq!(keys(&plain.body["data"]), without);
+    assert_eq!(props("HistoryView"), keys(&channel.body["data"]["history"]));
     assert_eq!(props("ErrorBody"), ["error", "message"]);
     assert_eq!(props("Created"), ["data", "message", "token"]);
     assert_eq!(
         props("CreateChannel"),
-        ["auth", "clientLimit", "pattern", "timeout", "welcome"]
+        [
+            "auth",
+            "clientLimit",
+            "history",
+            "pattern",
+            "timeout",
+            "welcome"
+        ]
+    );
+    // The HTTP side's bodies: a publish, a history page and its messages,
+    // a listed client, each as the real answers have them.
+    let url = |path: &str| {
+        server.url(&format!(
+            "/channels/{}{path}?token={}",
+            channel.id, channel.token
+        ))
+    };
+    let published: Value = server
+        .http
+        .post(url("/messages"))
+        .body("kept")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        keys(&published["data"]),
+        ["offset", "receivers"],
+        "{published}"
+    );
+    assert_eq!(props("Published"), ["offset", "receiver", "receivers"]);
+    let (status, page) = server
+        .get(&format!(
+            "/channels/{}/messages?token={}",
+            channel.id, channel.token
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(props("HistoryPage"), keys(&page["data"]));
+    assert_eq!(props("KeptMessage"), keys(&page["data"]["messages"][0]));
+    let _client = server.connect(&channel).await;
+    let (_, clients) = server
+        .get(&format!("/channels/{}/clients", channel.id))
+        .await;
+    assert_eq!(props("ClientView"), {
+        let mut real = keys(&clients["data"][0]);
+        // `node` is there in cluster mode only.
+        real.push("node".to_owned());
+        real.sort();
+        real
+    });
+    assert_eq!(
+        schemas["Transport"]["enum"],
+        serde_json::json!(["websocket", "sse"])
     );
     let patterns: Vec<Value> = schemas["Pattern"]["enum"].as_array().unwrap().clone();
     assert_eq!(
@@ -185,4 +287,109 @@ async fn the_built_in_readme_documents_every_path() {
         );
     }
     assert!(readme.contains("/channel/"), "the aliases are mentioned");
+}
+
+/// The three operations of the HTTP side (SPEC §10), with their parameters,
+/// statuses and content types as the handlers serve them; the singular
+/// aliases document the same.
+#[tokio::test]
+async fn the_http_side_operations_are_documented() {
+    let server = TestServer::start().await;
+    let (_, doc) = server.get("/openapi.json").await;
+    let operation = |method: &str, path: &str| -> Value {
+        let found = doc["paths"][path][method].clone();
+        assert!(found.is_object(), "{method} {path} is not documented");
+        found
+    };
+    let parameters = |op: &Value| -> Vec<(String, String)> {
+        op["parameters"]
+            .as_array()
+            .expect("parameters")
+            .iter()
+            .map(|p| {
+                (
+                    p["name"].as_str().unwrap().to_owned(),
+                    p["in"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let statuses = |op: &Value| -> Vec<String> {
+        op["responses"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect()
+    };
+    let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+        list.iter()
+            .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+            .collect()
+    };
+    for prefix in ["/channels", "/channel"] {
+        let publish = operation("post", &format!("{prefix}/{{id}}/messages"));
+        assert_eq!(
+            parameters(&publish),
+            pairs(&[("id", "path"), ("token", "query"), ("wait", "query")])
+        );
+        assert_eq!(
+            statuses(&publish),
+            ["200", "202", "400", "401", "404", "409", "413", "504"]
+        );
+        assert!(
+            publish["requestBody"]["content"]["text/plain"].is_object(),
+            "{publish}"
+        );
+        assert_eq!(
+            publish["responses"]["202"]["content"]["application/json"]["schema"]["$ref"],
+            "#/components/schemas/Envelope_Published"
+        );
+
+        let history = operation("get", &format!("{prefix}/{{id}}/messages"));
+        assert_eq!(
+            parameters(&history),
+            pairs(&[
+                ("id", "path"),
+                ("token", "query"),
+                ("since", "query"),
+                ("limit", "query")
+            ])
+        );
+        assert_eq!(statuses(&history), ["200", "400", "401", "404", "409"]);
+        assert_eq!(
+            history["responses"]["200"]["content"]["application/json"]["schema"]["$ref"],
+            "#/components/schemas/Envelope_HistoryPage"
+        );
+
+        let events = operation("get", &format!("{prefix}/{{id}}/events"));
+        assert_eq!(
+            parameters(&events),
+            pairs(&[("id", "path"), ("token", "query"), ("lastEventId", "query")])
+        );
+        assert_eq!(
+            statuses(&events),
+            ["200", "400", "401", "404", "409", "503"]
+        );
+        assert!(
+            events["responses"]["200"]["content"]["text/event-stream"].is_object(),
+            "{events}"
+        );
+        let tag = if prefix == "/channels" {
+            "http"
+        } else {
+            "aliases"
+        };
+        for op in [&publish, &history, &events] {
+            assert_eq!(op["tags"], serde_json::json!([tag]), "{op}");
+        }
+    }
+    assert!(
+        doc["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "http"),
+        "the http tag is described"
+    );
 }
