@@ -87,6 +87,12 @@ pub fn reset(oldest: u64) -> Bytes {
     )
 }
 
+/// The welcome of a channel created with `"welcome": true`: a `hello`
+/// event with the JSON a WebSocket client gets as its first frame.
+pub fn hello(json: &str) -> Bytes {
+    Bytes::from(format!("event: hello\ndata: {json}\n\n"))
+}
+
 fn event(name: &str, data: &serde_json::Value) -> Bytes {
     Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
 }

@@ -730,3 +730,51 @@ async fn an_sse_client_is_closed_with_1012_at_the_maximum_connection_age() {
     assert!(connected.elapsed() >= std::time::Duration::from_millis(900));
     server.wait_for_clients(&channel.id, 0).await;
 }
+
+#[tokio::test]
+async fn a_welcome_channel_greets_an_sse_client_with_a_hello_event() {
+    let server = TestServer::start().await;
+    let channel = server
+        .create(json!({"pattern": "pub-sub", "welcome": true}))
+        .await;
+    let mut events = sse(&server, &channel).await;
+    let hello = events.event().await;
+    assert_eq!(hello.event, "hello");
+    let hello: Value = serde_json::from_str(&hello.data).unwrap();
+    assert_eq!(hello["type"], "hello");
+    assert_eq!(hello["pattern"], "pub-sub");
+    assert_eq!(
+        server.client_ids(&channel.id).await,
+        [hello["clientId"].as_str().unwrap()]
+    );
+    // The first message after it arrives intact.
+    post(&server, &channel, "first", "").await;
+    assert_eq!(events.event().await.data, "first");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_publish_nobody_takes_does_not_keep_the_channel_alive() {
+    let server = TestServer::start().await;
+    let channel = server
+        .create(json!({"pattern": "push-pull", "timeout": 60000}))
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let before = server.countdown(&channel.id).await.unwrap();
+    let (status, _) = post(&server, &channel, "nobody", "").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let after = server.countdown(&channel.id).await.unwrap();
+    assert!(
+        after <= before,
+        "a 409 restarted the timeout: {before} -> {after}"
+    );
+    let _worker = server.connect(&channel).await;
+    let (status, _) = post(&server, &channel, "taken", "").await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let taken = server.countdown(&channel.id).await.unwrap();
+    assert!(
+        taken > after + 200,
+        "a taken publish restarts it: {after} -> {taken}"
+    );
+    server.shutdown().await;
+}

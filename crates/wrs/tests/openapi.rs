@@ -331,16 +331,29 @@ async fn the_http_side_operations_are_documented() {
         let publish = operation("post", &format!("{prefix}/{{id}}/messages"));
         assert_eq!(
             parameters(&publish),
-            pairs(&[("id", "path"), ("token", "query"), ("wait", "query")])
+            pairs(&[
+                ("id", "path"),
+                ("token", "query"),
+                ("WRS-Token", "header"),
+                ("wait", "query")
+            ])
         );
         assert_eq!(
             statuses(&publish),
             ["200", "202", "400", "401", "404", "409", "413", "504"]
         );
-        assert!(
-            publish["requestBody"]["content"]["text/plain"].is_object(),
-            "{publish}"
-        );
+        for content_type in ["text/plain", "application/octet-stream"] {
+            assert!(
+                publish["requestBody"]["content"][content_type].is_object(),
+                "{publish}"
+            );
+        }
+        for content_type in ["application/json", "text/plain", "application/octet-stream"] {
+            assert!(
+                publish["responses"]["200"]["content"][content_type].is_object(),
+                "{publish}"
+            );
+        }
         assert_eq!(
             publish["responses"]["202"]["content"]["application/json"]["schema"]["$ref"],
             "#/components/schemas/Envelope_Published"
@@ -352,6 +365,7 @@ async fn the_http_side_operations_are_documented() {
             pairs(&[
                 ("id", "path"),
                 ("token", "query"),
+                ("WRS-Token", "header"),
                 ("since", "query"),
                 ("limit", "query")
             ])
@@ -365,7 +379,13 @@ async fn the_http_side_operations_are_documented() {
         let events = operation("get", &format!("{prefix}/{{id}}/events"));
         assert_eq!(
             parameters(&events),
-            pairs(&[("id", "path"), ("token", "query"), ("lastEventId", "query")])
+            pairs(&[
+                ("id", "path"),
+                ("token", "query"),
+                ("WRS-Token", "header"),
+                ("lastEventId", "query"),
+                ("Last-Event-ID", "header")
+            ])
         );
         assert_eq!(
             statuses(&events),

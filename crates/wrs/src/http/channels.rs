@@ -78,6 +78,18 @@ pub struct ChannelView {
     history: Option<HistoryView>,
 }
 
+/// How much history a channel is to keep.
+#[derive(ToSchema)]
+#[allow(dead_code)] // Read by the OpenAPI generator; validated by `history_spec`.
+pub struct CreateHistory {
+    /// Most messages kept, 1 to 10000.
+    #[schema(minimum = 1, maximum = 10000)]
+    size: u32,
+    /// How long a message is kept in ms, 1 to 86400000; default 86400000.
+    #[schema(minimum = 1, maximum = 86400000)]
+    ttl: Option<u64>,
+}
+
 /// How much history a channel keeps.
 #[derive(Serialize, ToSchema)]
 pub struct HistoryView {
@@ -114,7 +126,7 @@ pub struct CreateChannel {
     /// Keep the last `size` messages (1 to 10000) younger than `ttl` ms (1
     /// to 86400000, default 86400000) for reading and resuming; pub-sub only.
     #[schema(example = json!({"size": 100, "ttl": 60000}))]
-    history: Option<HistoryView>,
+    history: Option<CreateHistory>,
     /// The API token, when `WRS_AUTH` protects this route (instead of the header).
     auth: Option<String>,
 }

@@ -114,9 +114,10 @@ fn number(value: Option<&str>, name: &str, min: u64, max: u64) -> Result<Option<
                 .ok()
                 .filter(|n| (min..=max).contains(n))
                 .ok_or_else(|| {
-                    ApiError::invalid_field(
-                        name,
-                        &format!("must be an integer from {min} to {max}"),
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_parameter",
+                        format!("query parameter {name:?} must be an integer from {min} to {max}"),
                     )
                 })
         })
@@ -137,13 +138,16 @@ fn query_of(
 
 /// `POST /channels/{id}/messages`
 #[utoipa::path(post, path = "/channels/{id}/messages", tag = "http", summary = "Publish a message over HTTP",
-    description = "The body is one message: `Content-Type: application/octet-stream` sends a binary message, anything else a text message (valid UTF-8). It counts as channel activity. The publisher is not a client, so every client is one of \"the others\". pub-sub: 202, delivered to every client, `data.receivers` counts them on every node (`data.offset` with history). push-pull: 202, delivered to the next client in the round-robin, `data.receiver` names it; 409 `no_receiver` when none is connected (nothing is kept). req-repl and fan-in-out: the body must be a request (`{\"type\":\"request\",...}`); it is routed as a client's request, with `origin` set to a one-off id, and the first reply to that origin is the 200 response body; 504 `no_reply` after `wait` ms; 409 `no_receiver` when nobody is connected. echo: 200, the body echoed back.",
+    description = "The body is one message: `Content-Type: application/octet-stream` sends a binary message, anything else a text message (valid UTF-8). It counts as channel activity when it is relayed (not when answered 409). The publisher is not a client, so every client is one of \"the others\". pub-sub: 202, delivered to every client, `data.receivers` counts them on every node (`data.offset` with history). push-pull: 202, delivered to the next client in the round-robin, `data.receiver` names it; 409 `no_receiver` when none is connected (nothing is kept). req-repl and fan-in-out: the body must be a request (`{\"type\":\"request\",...}`); it is routed as a client's request, with `origin` set to a one-off id, and the first reply to that origin is the 200 response body; 504 `no_reply` after `wait` ms; 409 `no_receiver` when nobody is connected. echo: 200, the body echoed back.",
     params(("id" = String, Path, description = "Channel id"),
         ("token" = Option<String>, Query, description = "The channel's token (or the WRS-Token header)"),
+        ("WRS-Token" = Option<String>, Header, description = "The channel's token (instead of ?token=)"),
         ("wait" = Option<u64>, Query, description = "req-repl and fan-in-out: ms to wait for the reply, 1 to 60000, default 10000")),
-    request_body(content = String, description = "The message", content_type = "text/plain"),
+    request_body(description = "The message: text (valid UTF-8) unless the type is application/octet-stream",
+        content((String = "text/plain"), (Vec<u8> = "application/octet-stream"))),
     responses(
-        (status = 200, description = "echo: the body; req-repl / fan-in-out: the reply object"),
+        (status = 200, description = "echo: the body, in its Content-Type; req-repl / fan-in-out: the reply object",
+            content((Object = "application/json"), (String = "text/plain"), (Vec<u8> = "application/octet-stream"))),
         (status = 202, description = "Delivered (pub-sub, push-pull)", body = Envelope<Published>),
         (status = 400, description = "Invalid UTF-8, not a request (req-repl, fan-in-out), or `wait` out of range", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
@@ -303,6 +307,7 @@ async fn read_message(app: &AppState, headers: &HeaderMap, body: Body) -> Result
     description = "The kept messages with an offset above `since`, oldest first, at most `limit`. A `since` beyond the newest offset gives an empty list. Only pub-sub channels created with `history` keep messages (409 `no_history` otherwise).",
     params(("id" = String, Path, description = "Channel id"),
         ("token" = Option<String>, Query, description = "The channel's token (or the WRS-Token header)"),
+        ("WRS-Token" = Option<String>, Header, description = "The channel's token (instead of ?token=)"),
         ("since" = Option<u64>, Query, description = "Only messages with a higher offset (default 0: all)"),
         ("limit" = Option<u64>, Query, description = "Most messages, 1 to 10000, default 100")),
     responses(
@@ -370,7 +375,9 @@ pub async fn history(
     description = "A receive-only client (`new EventSource(\"/channels/ID/events?token=TOKEN\")`), counted in `clients` and `clientLimit` and listed with `\"transport\": \"sse\"`; on pub-sub and push-pull (where it takes its turn in the rotation). A text message is one `message` event (its lines as `data:` lines), a binary one a `binary` event with base64 data; with history each has `id: <offset>`. The stream starts with a `retry:` line, carries a keepalive comment every WRS_SSE_KEEPALIVE_MS, and ends with a `close` event `{\"code\":4001|4002|1012|1001|1008,\"reason\":...}`. Reconnecting with `Last-Event-ID` (browsers do) or `?lastEventId=` on a channel with history first replays every kept message after that offset, then live ones, nothing lost or repeated; if the offset is older than what is kept the first event is `reset` `{\"reason\":\"history_expired\",\"oldest\":K}`. Refusals are those of a WebSocket connect, before the stream starts.",
     params(("id" = String, Path, description = "Channel id"),
         ("token" = Option<String>, Query, description = "The channel's token (or the WRS-Token header)"),
-        ("lastEventId" = Option<u64>, Query, description = "Resume after this offset (as the Last-Event-ID header does)")),
+        ("WRS-Token" = Option<String>, Header, description = "The channel's token (instead of ?token=)"),
+        ("lastEventId" = Option<u64>, Query, description = "Resume after this offset (as the Last-Event-ID header does)"),
+        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this offset (a browser's EventSource sends it when it reconnects)")),
     responses(
         (status = 200, description = "The event stream", content_type = "text/event-stream"),
         (status = 400, description = "`lastEventId` is not an offset", body = ErrorBody),
@@ -409,7 +416,12 @@ async fn subscribe(
         .relay
         .authorize(id, token(query, headers))
         .await
-        .map_err(|e| connect_error(e, id))?;
+        .map_err(|e| match e {
+            ConnectError::MissingToken => connect_error(e, id).with_message(
+                "an event stream needs the channel's token: /channels/{id}/events?token=TOKEN or the WRS-Token header",
+            ),
+            _ => connect_error(e, id),
+        })?;
     if !matches!(channel.pattern(), Pattern::PubSub | Pattern::PushPull) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,

@@ -167,13 +167,13 @@ impl Metrics {
         let connections_open = Gauge::default();
         registry.register(
             "connections_open",
-            "WebSocket connections open",
+            "Client connections open (WebSocket and Server-Sent Events)",
             connections_open.clone(),
         );
         let connections_accepted = Counter::default();
         registry.register(
             "connections_accepted",
-            "WebSocket upgrades accepted",
+            "Client connections accepted (WebSocket upgrades and Server-Sent Events streams)",
             connections_accepted.clone(),
         );
         let connect_rejections = Family::default();

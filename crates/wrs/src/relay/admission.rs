@@ -102,11 +102,11 @@ impl Reservation {
         }
         if member.channel.spec().welcome {
             let hello = hello(&member.channel, member.client.id());
-            member.relay.offer(
-                &member.channel,
-                &member.client,
-                codec::encode(OpCode::Text, hello.as_bytes()),
-            );
+            let frame = match member.client.wire() {
+                Wire::WebSocket { .. } => codec::encode(OpCode::Text, hello.as_bytes()),
+                Wire::Sse => crate::sse::hello(&hello),
+            };
+            member.relay.offer(&member.channel, &member.client, frame);
         }
         debug!(channel = %member.channel.id(), client = %member.client.id(), "client admitted");
         Ok(member)

@@ -894,7 +894,14 @@ impl Relay {
         });
         match relayed {
             Ok(delivered) => {
-                self.relayed(channel, &delivered);
+                // An HTTP publish that nobody could take (409 no_receiver)
+                // was not relayed: it is no activity.
+                let untaken = matches!(source, Source::Outside(_))
+                    && delivered.addressed == 0
+                    && !matches!(pattern, pattern::Pattern::PubSub | pattern::Pattern::Echo);
+                if !untaken {
+                    self.relayed(channel, &delivered);
+                }
                 Ok(delivered)
             }
             Err(error) => {
