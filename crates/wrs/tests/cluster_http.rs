@@ -9,46 +9,13 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::nats::*;
-use common::sse::Sse;
+use common::sse::{Sse, post, post_json};
 use common::*;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-async fn post(
-    node: &TestServer,
-    channel: &Created,
-    body: &str,
-    query: &str,
-) -> (StatusCode, String) {
-    let url = node.url(&format!(
-        "/channels/{}/messages?token={}{query}",
-        channel.id, channel.token
-    ));
-    let response = bounded("publish", node.http.post(url).body(body.to_owned()).send())
-        .await
-        .expect("publish");
-    let status = response.status();
-    (status, bounded("body", response.text()).await.unwrap())
-}
-
-async fn post_json(
-    node: &TestServer,
-    channel: &Created,
-    body: &str,
-    query: &str,
-) -> (StatusCode, Value) {
-    let (status, text) = post(node, channel, body, query).await;
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")),
-    )
-}
-
 async fn sse(node: &TestServer, channel: &Created, last: Option<&str>) -> Sse {
-    let mut events = Sse::open(node, &channel.id, &channel.token, "", last).await;
-    assert_eq!(events.status, StatusCode::OK, "{:?}", events.error);
-    assert_eq!(events.next_block().await.unwrap().retry, Some(1000));
-    events
+    Sse::open_ok(node, channel, last).await
 }
 
 /// Which node lists each client of the channel, by id.

@@ -8,78 +8,14 @@ mod common;
 use std::collections::BTreeMap;
 
 use base64::Engine;
-use common::sse::Sse;
-use common::{Created, TestServer, Ws, assert_error_envelope, bounded, error_code};
+use common::sse::{Sse, post, post_json, post_raw};
+use common::{Created, TestServer, Ws, assert_error_envelope, error_code};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-/// `POST /channels/{id}/messages` with a text body; the status and the
-/// body as text.
-async fn post(
-    server: &TestServer,
-    channel: &Created,
-    body: &str,
-    query: &str,
-) -> (StatusCode, String) {
-    post_raw(
-        server,
-        channel,
-        body.as_bytes().to_vec(),
-        "text/plain",
-        query,
-    )
-    .await
-}
-
-async fn post_raw(
-    server: &TestServer,
-    channel: &Created,
-    body: Vec<u8>,
-    content_type: &str,
-    query: &str,
-) -> (StatusCode, String) {
-    let url = server.url(&format!(
-        "/channels/{}/messages?token={}{query}",
-        channel.id, channel.token
-    ));
-    let response = bounded(
-        "publish",
-        server
-            .http
-            .post(url)
-            .header("content-type", content_type)
-            .body(body)
-            .send(),
-    )
-    .await
-    .expect("publish request");
-    let status = response.status();
-    (
-        status,
-        bounded("publish body", response.text()).await.unwrap(),
-    )
-}
-
-async fn post_json(
-    server: &TestServer,
-    channel: &Created,
-    body: &str,
-    query: &str,
-) -> (StatusCode, Value) {
-    let (status, text) = post(server, channel, body, query).await;
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")),
-    )
-}
-
 async fn sse(server: &TestServer, channel: &Created) -> Sse {
-    let mut events = Sse::open(server, &channel.id, &channel.token, "", None).await;
-    assert_eq!(events.status, StatusCode::OK, "{:?}", events.error);
-    let first = events.next_block().await.expect("retry line");
-    assert_eq!(first.retry, Some(1000));
-    events
+    Sse::open_ok(server, channel, None).await
 }
 
 #[tokio::test]

@@ -231,6 +231,27 @@ impl NatsCoordinator {
         });
     }
 
+    /// Subscribes to `subject`; the subscription is in place at the
+    /// server when this returns.
+    async fn subscribe_now(
+        &self,
+        subject: String,
+    ) -> Result<async_nats::Subscriber, CoordinatorError> {
+        let unavailable = |e: String| CoordinatorError::Unavailable(e);
+        let subscriber = self
+            .store
+            .client
+            .subscribe(subject)
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        self.store
+            .client
+            .flush()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        Ok(subscriber)
+    }
+
     /// Reply subject of an HTTP call.
     fn call_subject(&self, origin: ClientId) -> String {
         format!("{}.call.{origin}", self.prefix)
@@ -239,20 +260,11 @@ impl NatsCoordinator {
     /// Subscribes to the replies for a call waiting on this node; the
     /// subscription is in place at the server before this returns.
     pub(super) async fn listen_for_reply(&self, origin: ClientId) -> Result<(), CoordinatorError> {
-        let unavailable = |e: String| CoordinatorError::Unavailable(e);
-        let mut subscriber = self
-            .store
-            .client
-            .subscribe(self.call_subject(origin))
-            .await
-            .map_err(|e| unavailable(e.to_string()))?;
-        self.store
-            .client
-            .flush()
-            .await
-            .map_err(|e| unavailable(e.to_string()))?;
+        let mut subscriber = self.subscribe_now(self.call_subject(origin)).await?;
         let (Some(tasks), Some(handle)) = (self.tasks(), self.handle().cloned()) else {
-            return Err(unavailable("the node is stopping".to_owned()));
+            return Err(CoordinatorError::Unavailable(
+                "the node is stopping".to_owned(),
+            ));
         };
         let stop = tasks.stop().child_token();
         self.transport.calls.insert(origin, stop.clone());
@@ -318,18 +330,7 @@ impl NatsCoordinator {
         if self.transport.interest.contains_key(channel.id()) {
             return Ok(());
         }
-        let unavailable = |e: String| JoinRefusal::Unavailable(CoordinatorError::Unavailable(e));
-        let subscriber = self
-            .store
-            .client
-            .subscribe(self.all_subject(channel.id()))
-            .await
-            .map_err(|e| unavailable(e.to_string()))?;
-        self.store
-            .client
-            .flush()
-            .await
-            .map_err(|e| unavailable(e.to_string()))?;
+        let subscriber = self.subscribe_now(self.all_subject(channel.id())).await?;
         if let (dashmap::Entry::Vacant(slot), Some(me), Some(tasks)) = (
             self.transport.interest.entry(channel.id().clone()),
             self.me(),

@@ -6,7 +6,7 @@ use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use reqwest::StatusCode;
 
-use super::{TestServer, bounded};
+use super::{Created, TestServer, bounded};
 
 /// One dispatched event (or a comment, with `event == ":"`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -67,6 +67,19 @@ impl Sse {
         }
     }
 
+    /// Opens a stream that must be accepted, and reads its `retry:` line.
+    pub async fn open_ok(
+        server: &TestServer,
+        channel: &Created,
+        last_event_id: Option<&str>,
+    ) -> Sse {
+        let mut events = Sse::open(server, &channel.id, &channel.token, "", last_event_id).await;
+        assert_eq!(events.status, StatusCode::OK, "{:?}", events.error);
+        let first = events.next_block().await.expect("retry line");
+        assert_eq!(first.retry, Some(1000));
+        events
+    }
+
     /// The next block: an event, a comment (`event == ":"`, `data` its
     /// text) or a lone `retry:` (`event` empty). `None` when the stream
     /// ended.
@@ -118,6 +131,68 @@ impl Sse {
         }
         (before, None)
     }
+}
+
+/// `POST /channels/{id}/messages` with a text body; the status and the
+/// body as text.
+pub async fn post(
+    server: &TestServer,
+    channel: &Created,
+    body: &str,
+    query: &str,
+) -> (StatusCode, String) {
+    post_raw(
+        server,
+        channel,
+        body.as_bytes().to_vec(),
+        "text/plain",
+        query,
+    )
+    .await
+}
+
+/// `POST /channels/{id}/messages` with any body and content type.
+pub async fn post_raw(
+    server: &TestServer,
+    channel: &Created,
+    body: Vec<u8>,
+    content_type: &str,
+    query: &str,
+) -> (StatusCode, String) {
+    let url = server.url(&format!(
+        "/channels/{}/messages?token={}{query}",
+        channel.id, channel.token
+    ));
+    let response = bounded(
+        "publish",
+        server
+            .http
+            .post(url)
+            .header("content-type", content_type)
+            .body(body)
+            .send(),
+    )
+    .await
+    .expect("publish request");
+    let status = response.status();
+    (
+        status,
+        bounded("publish body", response.text()).await.unwrap(),
+    )
+}
+
+/// Like [`post`], with the answer parsed as JSON.
+pub async fn post_json(
+    server: &TestServer,
+    channel: &Created,
+    body: &str,
+    query: &str,
+) -> (StatusCode, serde_json::Value) {
+    let (status, text) = post(server, channel, body, query).await;
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")),
+    )
 }
 
 fn parse(block: &str) -> Event {
