@@ -13,8 +13,9 @@
 # uWebSockets.js with npm (Node.js 20 from npm too when the Node.js found
 # has no uWS binary). Every server it starts is a child of this script on
 # loopback, stopped by PID at the end. Each run is bounded in time; the
-# whole suite takes about 60 minutes (6 of them the elasticity cases,
-# ELASTIC=0 skips them; 20 the wire-efficiency cases, WIRE=0 skips them).
+# whole suite takes about 75 minutes (6 of them the elasticity cases,
+# ELASTIC=0 skips them; 20 the wire-efficiency cases, WIRE=0 skips them;
+# 15 HTTP publish, SSE and history, HTTP=0 skips them).
 #
 # Settings (environment):
 #   RUNS=3          runs per case (medians are taken)
@@ -36,6 +37,10 @@
 #                   fixed rate next to the peers and a floor, idle memory
 #                   with compression; 0 to skip, keeping target/bench/wire
 #                   from an earlier run)
+#   HTTP=1          run bench/http.sh (HTTP publish and SSE fan-out next to
+#                   Nchan, the cost of history on the fan-out, standalone
+#                   and in a cluster; 0 to skip, keeping target/bench/http
+#                   from an earlier run)
 #   OUT=docs/benchmarks.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +55,7 @@ CLUSTER=${CLUSTER:-1}
 ADMISSION=${ADMISSION:-1}
 ELASTIC=${ELASTIC:-1}
 WIRE=${WIRE:-1}
+HTTP=${HTTP:-1}
 OUT=${OUT:-docs/benchmarks.md}
 WRS_PORT=18080
 NCHAN_PORT=18081
@@ -69,6 +75,7 @@ cluster_results=$root/target/bench/cluster
 admission_results=$root/target/bench/admission
 elastic_results=$root/target/bench/elastic
 wire_results=$root/target/bench/wire
+http_results=$root/target/bench/http
 uws_dir=$root/target/bench/uws
 profiles=$root/target/bench/profile
 rundir=$root/target/bench/run
@@ -425,6 +432,13 @@ if [ "$WIRE" = 1 ]; then
     bench/wire.sh >/dev/null
 fi
 
+# HTTP publish, SSE and history (its own script; it installs what it needs).
+if [ "$HTTP" = 1 ]; then
+  log "HTTP publish, SSE and history: next to Nchan, history standalone and in a cluster"
+  RUNS=$RUNS DURATION=$DURATION OUT=$http_results WRS_REVISION=$revision \
+    bench/http.sh >/dev/null
+fi
+
 # The exact command lines, for the document.
 commands_md=$rundir/commands.md
 {
@@ -648,6 +662,12 @@ EOF
     cat "$wire_results/section.md"
   else
     printf '## Wire efficiency: compression, TLS, latency at a fixed rate\n\nNot run (WIRE=0).\n'
+  fi
+  echo
+  if [ -s "$http_results/section.md" ]; then
+    cat "$http_results/section.md"
+  else
+    printf '## HTTP publish, Server-Sent Events, history\n\nNot run (HTTP=0).\n'
   fi
   echo
   echo "## Profile"

@@ -136,19 +136,40 @@ pub fn source_address(index: usize, count: usize) -> Option<IpAddr> {
 
 /// Opened connections in the order asked for (`None` where it failed),
 /// the failures, and each connect's duration.
-pub struct Opened {
-    pub conns: Vec<Option<WsConn>>,
+pub struct Opened<C = WsConn> {
+    pub conns: Vec<Option<C>>,
     pub errors: Vec<String>,
     pub connect_times: Vec<Duration>,
 }
 
-/// Opens every connection, at most `common.connect_concurrency` at once,
-/// each bounded by the connect timeout.
+/// Opens every WebSocket connection, at most `common.connect_concurrency`
+/// at once, each bounded by the connect timeout.
 pub async fn open_all(common: &Common, dials: Vec<Dial>, rx_capacity: usize, what: &str) -> Opened {
+    open_all_with(common, dials, what, move |dial, timeout| async move {
+        WsConn::connect(&dial.url, dial.source, timeout, rx_capacity).await
+    })
+    .await
+}
+
+/// Opens every connection with `connect` (given the dial and the connect
+/// timeout, which it must keep), at most `common.connect_concurrency` at
+/// once.
+pub async fn open_all_with<C, E, F, Fut>(
+    common: &Common,
+    dials: Vec<Dial>,
+    what: &str,
+    connect: F,
+) -> Opened<C>
+where
+    C: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+    F: Fn(Dial, Duration) -> Fut,
+    Fut: std::future::Future<Output = Result<C, E>> + Send + 'static,
+{
     let total = dials.len();
     let bar = bar(common, total as u64, &format!("connecting {what}"));
     let timeout = common.connect_timeout();
-    let mut conns: Vec<Option<WsConn>> = (0..total).map(|_| None).collect();
+    let mut conns: Vec<Option<C>> = (0..total).map(|_| None).collect();
     let mut errors = Vec::new();
     let mut connect_times = Vec::with_capacity(total);
     let mut running = JoinSet::new();
@@ -158,9 +179,10 @@ pub async fn open_all(common: &Common, dials: Vec<Dial>, rx_capacity: usize, wha
             let Some((i, dial)) = queue.next() else {
                 break;
             };
+            let connecting = connect(dial, timeout);
             running.spawn(async move {
                 let started = Instant::now();
-                let result = WsConn::connect(&dial.url, dial.source, timeout, rx_capacity).await;
+                let result = connecting.await;
                 (i, result, started.elapsed())
             });
         }
@@ -186,7 +208,7 @@ pub async fn open_all(common: &Common, dials: Vec<Dial>, rx_capacity: usize, wha
 }
 
 /// Records connect failures in a report.
-pub fn note_connects(report: &mut Report, opened: &Opened) {
+pub fn note_connects<C>(report: &mut Report, opened: &Opened<C>) {
     report.connections += opened.connect_times.len() as u64;
     report.connect_errors += opened.errors.len() as u64;
     for e in opened.errors.iter().take(3) {

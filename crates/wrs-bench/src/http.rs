@@ -4,6 +4,10 @@
 //! `Content-Length` (or chunked). That is all `POST /channels` and
 //! `DELETE /channels/{id}` need, and it keeps the churn scenario's cost
 //! per request in the server rather than in the client.
+//!
+//! [`Pipeline`] is the same connection for a publisher that keeps several
+//! requests in flight (HTTP/1.1 pipelining): requests written back to
+//! back, responses read in order.
 
 use std::io;
 use std::net::SocketAddr;
@@ -232,6 +236,127 @@ async fn read_more(stream: &mut Stream, buf: &mut Vec<u8>) -> Result<(), HttpErr
     Ok(())
 }
 
+/// One keep-alive connection carrying requests the caller encodes; the
+/// responses are read in the order the requests were sent. Reconnects
+/// (counting it) when a request is sent after the server closed.
+pub struct Pipeline {
+    addr: SocketAddr,
+    host: String,
+    tls: bool,
+    stream: Option<Stream>,
+    buf: Vec<u8>,
+    /// Connections opened after the first.
+    pub reconnects: u64,
+}
+
+impl Pipeline {
+    /// Opens the connection to `url`'s server within `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// TCP or TLS failures, or the timeout.
+    pub async fn connect(url: &crate::ws::WsUrl, timeout: Duration) -> Result<Self, HttpError> {
+        let mut pipeline = Self {
+            addr: url.addr,
+            host: url.host.clone(),
+            tls: url.tls,
+            stream: None,
+            buf: Vec::with_capacity(16 * 1024),
+            reconnects: 0,
+        };
+        tokio::time::timeout(timeout, pipeline.open())
+            .await
+            .map_err(|_| HttpError::Timeout)??;
+        Ok(pipeline)
+    }
+
+    /// The `Host` header value.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    async fn open(&mut self) -> Result<(), HttpError> {
+        let stream = TcpStream::connect(self.addr).await?;
+        stream.set_nodelay(true)?;
+        self.stream = Some(if self.tls {
+            Either::Right(crate::ws::tls_connect(stream, &self.host).await?)
+        } else {
+            Either::Left(stream)
+        });
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Writes encoded requests, reconnecting first if the connection was
+    /// closed.
+    ///
+    /// # Errors
+    ///
+    /// I/O errors; the connection is then closed.
+    pub async fn send(&mut self, wire: &[u8]) -> Result<(), HttpError> {
+        if self.stream.is_none() {
+            self.open().await?;
+            self.reconnects += 1;
+        }
+        let stream = self.stream.as_mut().expect("opened above");
+        if let Err(error) = stream.write_all(wire).await {
+            self.stream = None;
+            return Err(error.into());
+        }
+        Ok(())
+    }
+
+    /// Reads the next response. A response that closes the connection
+    /// (`Connection: close`) closes it here too: requests sent after it
+    /// were not served.
+    ///
+    /// # Errors
+    ///
+    /// I/O errors or a malformed response; the connection is then closed.
+    pub async fn read_response(&mut self) -> Result<Response, HttpError> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(HttpError::Io(io::ErrorKind::NotConnected.into()));
+        };
+        match read_response(stream, &mut self.buf).await {
+            Ok((response, keep_alive)) => {
+                if !keep_alive {
+                    self.stream = None;
+                }
+                Ok(response)
+            }
+            Err(error) => {
+                self.stream = None;
+                Err(error)
+            }
+        }
+    }
+
+    /// Whether the connection is open.
+    pub fn is_open(&self) -> bool {
+        self.stream.is_some()
+    }
+
+    /// Whether a whole `Content-Length` response has been read already,
+    /// so that [`Self::read_response`] returns without waiting.
+    pub fn response_buffered(&self) -> bool {
+        self.stream.is_some() && buffered_response_len(&self.buf).is_some()
+    }
+}
+
+/// The length of the first response in `buf` if its head and its
+/// `Content-Length` body are all there (`None` for chunked bodies).
+fn buffered_response_len(buf: &[u8]) -> Option<usize> {
+    let head_end = memchr::memmem::find(buf, b"\r\n\r\n")? + 4;
+    let head = std::str::from_utf8(&buf[..head_end]).ok()?;
+    let length = head.split("\r\n").skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse::<usize>().ok())?
+    })?;
+    (buf.len() >= head_end + length).then_some(head_end + length)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,6 +385,54 @@ mod tests {
             .unwrap();
         assert_eq!(response.status, 201);
         assert_eq!(response.body, b"{\"a\":true}\n");
+    }
+
+    #[test]
+    fn knows_when_a_whole_response_is_buffered() {
+        let full = b"HTTP/1.1 202 Accepted\r\ncontent-length: 2\r\n\r\n{}HTTP/1.1";
+        assert_eq!(buffered_response_len(full), Some(full.len() - 8));
+        assert_eq!(buffered_response_len(&full[..40]), None);
+        assert_eq!(
+            buffered_response_len(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+            ),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn pipelines_requests() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            let mut chunk = vec![0u8; 4096];
+            // Two requests, answered together once both are in.
+            while memchr::memmem::find_iter(&seen, b"\r\n\r\n").count() < 2 {
+                let n = socket.read(&mut chunk).await.unwrap();
+                seen.extend_from_slice(&chunk[..n]);
+            }
+            socket
+                .write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 1\r\n\r\naHTTP/1.1 202 Accepted\r\nconnection: close\r\ncontent-length: 1\r\n\r\nb")
+                .await
+                .unwrap();
+        });
+        let url = crate::ws::WsUrl::parse(&format!("http://{addr}/p"))
+            .await
+            .unwrap();
+        let mut pipeline = Pipeline::connect(&url, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let request = b"POST /p HTTP/1.1\r\nHost: x\r\ncontent-length: 0\r\n\r\n";
+        pipeline
+            .send(&[&request[..], &request[..]].concat())
+            .await
+            .unwrap();
+        assert_eq!(pipeline.read_response().await.unwrap().body, b"a");
+        assert!(pipeline.response_buffered());
+        assert_eq!(pipeline.read_response().await.unwrap().body, b"b");
+        assert!(!pipeline.is_open(), "closed by the server");
     }
 
     #[tokio::test]

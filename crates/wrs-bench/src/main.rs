@@ -14,6 +14,7 @@ mod relay;
 mod report;
 mod rng;
 mod scenario;
+mod sse;
 mod summary;
 mod target;
 mod track;
@@ -43,6 +44,8 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// P publishers -> S subscribers (pub-sub); works with URL templates.
+    /// Subscribers over WebSocket or SSE, publishers over WebSocket or
+    /// HTTP POST.
     Fanout(fanout::FanoutArgs),
     /// P producers -> W workers (push-pull or fan-in-out): exactly once and
     /// fairness.
@@ -71,23 +74,27 @@ enum Command {
         dir: PathBuf,
         /// Render the cluster table (per-process CPU, NATS messages)
         /// instead of the suite's tables.
-        #[arg(long, conflicts_with_all = ["admission", "elastic", "wire"])]
+        #[arg(long, conflicts_with_all = ["admission", "elastic", "wire", "http"])]
         cluster: bool,
         /// Render the admission table (`bench/admission.sh`): create +
         /// delete pairs and connects per second, CPU per operation.
-        #[arg(long, conflicts_with_all = ["elastic", "wire"])]
+        #[arg(long, conflicts_with_all = ["elastic", "wire", "http"])]
         admission: bool,
         /// Render the elasticity tables (`bench/elastic.sh`): a node
         /// added, a node drained, the per-client rate limiter's cost.
-        #[arg(long, conflicts_with = "wire")]
+        #[arg(long, conflicts_with_all = ["wire", "http"])]
         elastic: bool,
         /// With `--elastic`: only this table ("Not run." without reports).
         #[arg(long, value_enum, requires = "elastic")]
         only: Option<summary::ElasticTable>,
         /// Render one table of `bench/wire.sh` (compression, TLS, the
         /// fan-out next to the peers, idle memory) with its targets.
-        #[arg(long, value_enum, value_name = "TABLE")]
+        #[arg(long, value_enum, value_name = "TABLE", conflicts_with = "http")]
         wire: Option<summary::WireTable>,
+        /// Render one table of `bench/http.sh` (HTTP publish, SSE, the
+        /// cost of history) with its targets.
+        #[arg(long, value_enum, value_name = "TABLE")]
+        http: Option<summary::HttpTable>,
     },
 }
 
@@ -100,10 +107,13 @@ fn main() -> ExitCode {
         elastic,
         only,
         wire,
+        http,
     } = &cli.command
     {
         let summary = if let Some(table) = wire {
             summary::summarize_wire(dir, *table)
+        } else if let Some(table) = http {
+            summary::summarize_http(dir, *table)
         } else if *cluster {
             summary::summarize_cluster(dir)
         } else if *admission {

@@ -17,9 +17,11 @@ use anyhow::Context;
 use crate::report::{Report, micros, si};
 
 mod elastic;
+mod http;
 mod wire;
 
 pub use elastic::{ElasticTable, summarize_elastic};
+pub use http::{HttpTable, summarize_http};
 pub use wire::{WireTable, summarize_wire};
 
 /// The target under test in side-by-side tables.

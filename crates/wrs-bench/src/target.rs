@@ -8,6 +8,13 @@
 //! example Nchan's `ws://127.0.0.1:8081/sub/{channel}`); a relay with a
 //! single broadcast room (websocat's `broadcast:mirror:`) takes a URL
 //! without `{channel}` and one channel.
+//!
+//! Besides WebSocket URLs every channel has the two HTTP addresses of
+//! SPEC §10: its Server-Sent Events stream (`GET /channels/{id}/events`)
+//! and its publish endpoint (`POST /channels/{id}/messages`). With
+//! templates they are the templates themselves: `--sub-url` names the
+//! event stream when subscribers use SSE, `--pub-url` the publish URL
+//! when publishers use HTTP.
 
 use std::time::Duration;
 
@@ -44,6 +51,45 @@ pub struct Channel {
     pub name: String,
     pub sub: WsUrl,
     pub publ: WsUrl,
+    /// Its Server-Sent Events stream.
+    pub events: WsUrl,
+    /// Where messages are published with HTTP `POST`.
+    pub messages: WsUrl,
+}
+
+/// A WRS channel's history (SPEC §10): the last `size` messages younger
+/// than `ttl_ms` are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct History {
+    pub size: u32,
+    pub ttl_ms: u64,
+}
+
+impl History {
+    /// `SIZE:TTL_MS`, as on the command line.
+    ///
+    /// # Errors
+    ///
+    /// Not two numbers separated by a colon.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        let (size, ttl) = value
+            .split_once(':')
+            .ok_or_else(|| format!("{value:?}: expected SIZE:TTL_MS, e.g. 1000:60000"))?;
+        Ok(Self {
+            size: size
+                .parse()
+                .map_err(|_| format!("{value:?}: {size:?} is not a size"))?,
+            ttl_ms: ttl
+                .parse()
+                .map_err(|_| format!("{value:?}: {ttl:?} is not a TTL in milliseconds"))?,
+        })
+    }
+}
+
+impl std::fmt::Display for History {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.size, self.ttl_ms)
+    }
 }
 
 /// The relay under test.
@@ -127,17 +173,36 @@ impl Target {
         pattern: &str,
         timeout: Duration,
     ) -> anyhow::Result<Vec<Channel>> {
+        self.open_channels_with(count, pattern, None, timeout).await
+    }
+
+    /// [`Self::open_channels`], the WRS channels created with `history`.
+    ///
+    /// # Errors
+    ///
+    /// As there, and history asked of a relay given by templates.
+    pub async fn open_channels_with(
+        &self,
+        count: usize,
+        pattern: &str,
+        history: Option<History>,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<Channel>> {
         match self {
             Target::Wrs { api, .. } => {
                 let mut client =
                     HttpClient::new(api.addr, api.host.clone(), timeout).with_tls(api.tls);
                 let mut channels = Vec::with_capacity(count);
                 for _ in 0..count {
-                    channels.push(create_channel(&mut client, api, pattern).await?);
+                    channels.push(create_channel_with(&mut client, api, pattern, history).await?);
                 }
                 Ok(channels)
             }
             Target::Templates { sub, publ, .. } => {
+                ensure!(
+                    history.is_none(),
+                    "--history creates WRS channels; it does not apply to URL templates"
+                );
                 ensure!(
                     count == 1 || (sub.contains("{channel}") && publ.contains("{channel}")),
                     "more than one channel needs {{channel}} in the URL templates"
@@ -146,9 +211,13 @@ impl Target {
                 let mut channels = Vec::with_capacity(count);
                 for k in 0..count {
                     let name = format!("b{run:08x}c{k}");
+                    let sub = WsUrl::parse(&sub.replace("{channel}", &name)).await?;
+                    let publ = WsUrl::parse(&publ.replace("{channel}", &name)).await?;
                     channels.push(Channel {
-                        sub: WsUrl::parse(&sub.replace("{channel}", &name)).await?,
-                        publ: WsUrl::parse(&publ.replace("{channel}", &name)).await?,
+                        events: sub.clone(),
+                        messages: publ.clone(),
+                        sub,
+                        publ,
                         name,
                     });
                 }
@@ -186,7 +255,26 @@ pub async fn create_channel(
     api: &WsUrl,
     pattern: &str,
 ) -> anyhow::Result<Channel> {
-    let body = format!(r#"{{"pattern":"{pattern}","timeout":-1}}"#);
+    create_channel_with(client, api, pattern, None).await
+}
+
+/// [`create_channel`], with `history` when given.
+///
+/// # Errors
+///
+/// The request failed or was refused.
+pub async fn create_channel_with(
+    client: &mut HttpClient,
+    api: &WsUrl,
+    pattern: &str,
+    history: Option<History>,
+) -> anyhow::Result<Channel> {
+    let body = match history {
+        None => format!(r#"{{"pattern":"{pattern}","timeout":-1}}"#),
+        Some(History { size, ttl_ms }) => format!(
+            r#"{{"pattern":"{pattern}","timeout":-1,"history":{{"size":{size},"ttl":{ttl_ms}}}}}"#
+        ),
+    };
     let response = client
         .request("POST", "/channels", Some(body.as_bytes()))
         .await
@@ -199,13 +287,33 @@ pub async fn create_channel(
     );
     let created: Created =
         serde_json::from_slice(&response.body).context("POST /channels response body")?;
-    let url = api.with_path(format!(
-        "/channels/{}/connect?token={}",
-        created.data.id, created.token
-    ));
+    let (id, token) = (&created.data.id, &created.token);
+    let url = api.with_path(format!("/channels/{id}/connect?token={token}"));
     Ok(Channel {
+        events: api.with_path(format!("/channels/{id}/events?token={token}")),
+        messages: api.with_path(format!("/channels/{id}/messages?token={token}")),
         name: created.data.id,
         sub: url.clone(),
         publ: url,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_history() {
+        let history = History::parse("1000:60000").unwrap();
+        assert_eq!(
+            history,
+            History {
+                size: 1000,
+                ttl_ms: 60_000
+            }
+        );
+        assert_eq!(history.to_string(), "1000:60000");
+        assert!(History::parse("1000").is_err());
+        assert!(History::parse("x:1").is_err());
+    }
 }

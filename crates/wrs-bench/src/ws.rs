@@ -193,6 +193,8 @@ pub enum ConnectError {
     Io(#[from] io::Error),
     #[error("server answered {status} instead of 101")]
     Refused { status: u16 },
+    #[error("server answered {status} instead of 200")]
+    NotOk { status: u16 },
     #[error("malformed handshake response: {0}")]
     BadResponse(&'static str),
     #[error("connect timed out")]

@@ -8,6 +8,13 @@
 //! it can buffer. Every subscriber must first receive a warm-up message
 //! from each publisher of its channel: only then is it certainly
 //! subscribed, and the measured window starts.
+//!
+//! Subscribers receive over WebSocket or as Server-Sent Events streams
+//! (`--sub-transport sse`), publishers send over WebSocket or with HTTP
+//! `POST`s (`--pub-transport http`, see [`super::fanout_http`]); every
+//! subscriber counts the sequence numbers in the payloads alike, so loss
+//! and duplicates are found whatever carries them. `--history` creates
+//! the WRS channels with a message history (SPEC §10).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,20 +26,24 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::collect;
+use super::{collect, fanout_http};
 use crate::harness::{self, Common, Dial, RunProgress, Window};
+use crate::http::Pipeline;
 use crate::payload::{Composer, Kind, Stamp, now_ns};
 use crate::report::Report;
-use crate::target::Target;
-use crate::track::{Arrival, SeqTracker, SharedLatencies};
+use crate::sse::SseConn;
+use crate::target::{History, Target};
+use crate::track::{Arrival, Recorder, SeqTracker, SharedLatencies};
 use crate::ws::{Frame, ReadHalf, RxBuf, TxBuf, WriteHalf, WsConn, WsUrl};
 
 /// Longest a single batch may take to write before the publisher gives up.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Warm-up messages are sent this often until every subscriber has one.
-const WARMUP_EVERY: Duration = Duration::from_millis(20);
+pub(super) const WARMUP_EVERY: Duration = Duration::from_millis(20);
 /// Most messages written in one batch.
-const MAX_BATCH: u64 = 256;
+pub(super) const MAX_BATCH: u64 = 256;
+/// Receive buffer of a subscriber, per read.
+const SUB_RX_CAPACITY: usize = 64 * 1024;
 
 #[derive(Args, Clone, Debug)]
 pub struct FanoutArgs {
@@ -65,6 +76,50 @@ pub struct FanoutArgs {
     /// `--server`, where the channels are created.
     #[arg(long = "spread", value_name = "URL")]
     pub spread: Vec<String>,
+    /// How subscribers receive: WebSocket, or Server-Sent Events (WRS:
+    /// `GET /channels/{id}/events?token=T`; with templates `--sub-url` is
+    /// the event stream's URL).
+    #[arg(long, value_enum, default_value_t = SubTransport::Ws)]
+    pub sub_transport: SubTransport,
+    /// How publishers send: WebSocket, or HTTP `POST`s on one keep-alive
+    /// connection each (WRS: `POST /channels/{id}/messages?token=T`; with
+    /// templates `--pub-url` is the URL to post to).
+    #[arg(long, value_enum, default_value_t = PubTransport::Ws)]
+    pub pub_transport: PubTransport,
+    /// HTTP publishers: requests in flight on the connection; 1 waits for
+    /// each response before the next request, more pipeline them.
+    #[arg(long, default_value_t = 1)]
+    pub pipeline: usize,
+    /// WRS only: create the channels with a history of SIZE messages
+    /// kept for at most TTL_MS milliseconds.
+    #[arg(long, value_name = "SIZE:TTL_MS", value_parser = History::parse)]
+    pub history: Option<History>,
+}
+
+/// What subscribers receive over.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubTransport {
+    Ws,
+    Sse,
+}
+
+/// What publishers send over.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PubTransport {
+    Ws,
+    Http,
+}
+
+/// An open subscriber connection.
+enum SubConn {
+    Ws(WsConn),
+    Sse(SseConn),
+}
+
+/// An open publisher connection.
+enum PubConn {
+    Ws(WsConn),
+    Http(Box<Pipeline>),
 }
 
 /// Message contents.
@@ -77,19 +132,19 @@ pub enum PayloadKind {
 }
 
 /// What a publisher shares with the subscribers of its channel.
-struct Publisher {
-    /// Messages fully written in the measured window.
-    sent: AtomicU64,
+pub(super) struct Publisher {
+    /// Messages fully written (HTTP: accepted) in the measured window.
+    pub(super) sent: AtomicU64,
     /// Per subscriber of the channel: highest sequence received plus one
     /// (`u64::MAX` for a subscriber that never connected).
     acked: Box<[AtomicU64]>,
     /// Set while the publisher waits for acknowledgements.
-    waiting: AtomicBool,
-    wake: Notify,
+    pub(super) waiting: AtomicBool,
+    pub(super) wake: Notify,
 }
 
 impl Publisher {
-    fn min_acked(&self) -> u64 {
+    pub(super) fn min_acked(&self) -> u64 {
         self.acked
             .iter()
             .map(|a| a.load(Ordering::SeqCst))
@@ -98,8 +153,8 @@ impl Publisher {
     }
 }
 
-struct Shared {
-    publishers: Vec<Arc<Publisher>>,
+pub(super) struct Shared {
+    pub(super) publishers: Vec<Arc<Publisher>>,
     /// Subscribers that have a warm-up message from all their publishers.
     ready: AtomicU64,
     /// Unique measured deliveries so far.
@@ -147,6 +202,7 @@ pub async fn run(common: &Common, args: &FanoutArgs) -> anyhow::Result<Report> {
     ensure!(args.channels >= 1, "--channels must be at least 1");
     ensure!(args.backlog >= 1, "--backlog must be at least 1");
     ensure!(args.rate.is_none_or(|r| r > 0.0), "--rate must be positive");
+    ensure!(args.pipeline >= 1, "--pipeline must be at least 1");
     let target = Target::from_args(&common.target).await?;
     let mut report = common.report("fanout", target.label());
     report
@@ -166,6 +222,20 @@ pub async fn run(common: &Common, args: &FanoutArgs) -> anyhow::Result<Report> {
         Some(rate) => report.params.insert("rate".into(), json!(rate)),
         None => report.params.insert("backlog".into(), json!(args.backlog)),
     };
+    if args.sub_transport == SubTransport::Sse {
+        report.params.insert("sub_transport".into(), json!("sse"));
+    }
+    if args.pub_transport == PubTransport::Http {
+        report.params.insert("pub_transport".into(), json!("http"));
+        report
+            .params
+            .insert("pipeline".into(), json!(args.pipeline));
+    }
+    if let Some(history) = args.history {
+        report
+            .params
+            .insert("history".into(), json!(history.to_string()));
+    }
 
     if !args.spread.is_empty() {
         target.wrs_api("fanout --spread")?;
@@ -182,7 +252,12 @@ pub async fn run(common: &Common, args: &FanoutArgs) -> anyhow::Result<Report> {
     }
 
     let channels = target
-        .open_channels(args.channels, "pub-sub", common.connect_timeout())
+        .open_channels_with(
+            args.channels,
+            "pub-sub",
+            args.history,
+            common.connect_timeout(),
+        )
         .await?;
     let layout = Layout::new(args);
     let sub_dials = layout
@@ -190,7 +265,10 @@ pub async fn run(common: &Common, args: &FanoutArgs) -> anyhow::Result<Report> {
         .iter()
         .enumerate()
         .map(|(i, &c)| {
-            let sub = &channels[c].sub;
+            let sub = match args.sub_transport {
+                SubTransport::Ws => &channels[c].sub,
+                SubTransport::Sse => &channels[c].events,
+            };
             let url = match &nodes[i % nodes.len()] {
                 None => sub.clone(),
                 Some(node) => node.with_path(sub.path.clone()),
@@ -198,16 +276,73 @@ pub async fn run(common: &Common, args: &FanoutArgs) -> anyhow::Result<Report> {
             Dial { url, source: None }
         })
         .collect();
-    let subs = harness::open_all(common, sub_dials, 64 * 1024, "subscribers").await;
+    let subs = match args.sub_transport {
+        SubTransport::Ws => {
+            harness::open_all_with(
+                common,
+                sub_dials,
+                "subscribers",
+                |dial, timeout| async move {
+                    WsConn::connect(&dial.url, dial.source, timeout, SUB_RX_CAPACITY)
+                        .await
+                        .map(SubConn::Ws)
+                },
+            )
+            .await
+        }
+        SubTransport::Sse => {
+            harness::open_all_with(
+                common,
+                sub_dials,
+                "SSE subscribers",
+                |dial, timeout| async move {
+                    SseConn::connect(&dial.url, dial.source, timeout, SUB_RX_CAPACITY)
+                        .await
+                        .map(SubConn::Sse)
+                },
+            )
+            .await
+        }
+    };
     let pub_dials = layout
         .pub_channel
         .iter()
         .map(|&c| Dial {
-            url: channels[c].publ.clone(),
+            url: match args.pub_transport {
+                PubTransport::Ws => channels[c].publ.clone(),
+                PubTransport::Http => channels[c].messages.clone(),
+            },
             source: None,
         })
         .collect();
-    let pubs = harness::open_all(common, pub_dials, 16 * 1024, "publishers").await;
+    let pubs = match args.pub_transport {
+        PubTransport::Ws => {
+            harness::open_all_with(
+                common,
+                pub_dials,
+                "publishers",
+                |dial, timeout| async move {
+                    WsConn::connect(&dial.url, dial.source, timeout, 16 * 1024)
+                        .await
+                        .map(PubConn::Ws)
+                },
+            )
+            .await
+        }
+        PubTransport::Http => {
+            harness::open_all_with(
+                common,
+                pub_dials,
+                "HTTP publishers",
+                |dial, timeout| async move {
+                    Pipeline::connect(&dial.url, timeout)
+                        .await
+                        .map(|pipeline| PubConn::Http(Box::new(pipeline)))
+                },
+            )
+            .await
+        }
+    };
     harness::note_connects(&mut report, &subs);
     harness::note_connects(&mut report, &pubs);
 
@@ -254,39 +389,68 @@ pub async fn run(common: &Common, args: &FanoutArgs) -> anyhow::Result<Report> {
         let mine: Vec<usize> = (0..args.publishers)
             .filter(|&j| layout.pub_channel[j] == c)
             .collect();
-        sub_tasks.push(tokio::spawn(subscribe(
-            conn,
-            Arc::clone(&shared),
-            mine,
-            layout.sub_slot[i],
-            stop.clone(),
-        )));
+        let tally = Tally::new(&shared, mine, layout.sub_slot[i]);
+        sub_tasks.push(match conn {
+            SubConn::Ws(conn) => {
+                tokio::spawn(subscribe(conn, Arc::clone(&shared), tally, stop.clone()))
+            }
+            SubConn::Sse(conn) => tokio::spawn(fanout_http::subscribe(
+                conn,
+                Arc::clone(&shared),
+                tally,
+                stop.clone(),
+            )),
+        });
     }
     let connected_subs: u64 = subscribers_on.iter().sum();
+    if connected_subs == 0 && args.subscribers > 0 {
+        anyhow::bail!(
+            "no subscriber connected (of {}): {}",
+            args.subscribers,
+            report
+                .error_samples
+                .first()
+                .map_or("no error recorded", String::as_str)
+        );
+    }
     let mut pub_tasks = Vec::new();
     let mut drain_tasks = Vec::new();
     let mut expected_per_msg = Vec::new();
     for (j, conn) in pubs.conns.into_iter().enumerate() {
-        let Some(WsConn {
-            read,
-            write,
-            rx,
-            tx,
-        }) = conn
-        else {
+        let Some(conn) = conn else {
             continue;
         };
         expected_per_msg.push((j, subscribers_on[layout.pub_channel[j]]));
-        drain_tasks.push(tokio::spawn(drain(read, rx, stop.clone())));
-        pub_tasks.push(tokio::spawn(publish(
-            write,
-            tx,
-            j,
-            Arc::clone(&shared),
-            args.clone(),
-            common.duration(),
-            go.clone(),
-        )));
+        match conn {
+            PubConn::Ws(WsConn {
+                read,
+                write,
+                rx,
+                tx,
+            }) => {
+                drain_tasks.push(tokio::spawn(drain(read, rx, stop.clone())));
+                pub_tasks.push(tokio::spawn(publish(
+                    write,
+                    tx,
+                    j,
+                    Arc::clone(&shared),
+                    args.clone(),
+                    common.duration(),
+                    go.clone(),
+                )));
+            }
+            PubConn::Http(pipeline) => {
+                pub_tasks.push(tokio::spawn(fanout_http::publish(
+                    pipeline,
+                    channels[layout.pub_channel[j]].messages.path.clone(),
+                    j,
+                    Arc::clone(&shared),
+                    args.clone(),
+                    common.duration(),
+                    go.clone(),
+                )));
+            }
+        }
     }
 
     // Warm-up: every subscriber proves it is subscribed.
@@ -303,6 +467,23 @@ pub async fn run(common: &Common, args: &FanoutArgs) -> anyhow::Result<Report> {
             common.warmup_timeout()
         ));
     }
+    if shared.ready.load(Ordering::SeqCst) == 0 {
+        // Nothing got through: a run would only measure an idle server.
+        // Say why, if a publisher already gave up.
+        let mut why = Vec::new();
+        for task in &mut pub_tasks {
+            if task.is_finished()
+                && let Ok(sent) = task.await
+            {
+                why.extend(sent.errors);
+            }
+        }
+        anyhow::bail!(
+            "no subscriber received a warm-up message within {:?}{}",
+            common.warmup_timeout(),
+            why.first().map_or(String::new(), |e| format!(": {e}"))
+        );
+    }
     report.extra.insert(
         "subscribers_ready".into(),
         json!(shared.ready.load(Ordering::SeqCst)),
@@ -314,6 +495,7 @@ pub async fn run(common: &Common, args: &FanoutArgs) -> anyhow::Result<Report> {
     go.cancel();
     // Write halves stay open until the end of the run.
     let mut write_halves = Vec::new();
+    let mut http = fanout_http::HttpStats::default();
     for outcome in collect(pub_tasks, common.duration() + WRITE_TIMEOUT * 2).await {
         if let Some(sent) = outcome.into_done(&mut report) {
             report.errors += sent.errors.len() as u64;
@@ -321,6 +503,13 @@ pub async fn run(common: &Common, args: &FanoutArgs) -> anyhow::Result<Report> {
                 report.sample_error(e);
             }
             write_halves.push(sent.write);
+            if let Some(stats) = sent.http {
+                http.add(&stats);
+                report.errors += stats.refused;
+            }
+            for sample in sent.samples {
+                report.sample_error(sample);
+            }
         }
     }
     let sent: Vec<u64> = shared
@@ -352,11 +541,15 @@ pub async fn run(common: &Common, args: &FanoutArgs) -> anyhow::Result<Report> {
     stop.cancel();
     drop(write_halves);
     let mut wire = WireStats::default();
+    let mut sse = fanout_http::SseTotals::default();
     for outcome in collect(sub_tasks, Duration::from_secs(5)).await {
         let Some(sub) = outcome.into_done(&mut report) else {
             continue;
         };
         wire.add(&sub.wire);
+        if let Some(stats) = &sub.sse {
+            sse.add(stats);
+        }
         for (j, tracker) in sub.trackers {
             report.lost += sent[j].saturating_sub(tracker.unique);
             report.duplicated += tracker.duplicated;
@@ -374,6 +567,12 @@ pub async fn run(common: &Common, args: &FanoutArgs) -> anyhow::Result<Report> {
     report.sent = sent.iter().sum();
     measured.apply(&mut report);
     wire.note(&mut report);
+    if args.pub_transport == PubTransport::Http {
+        http.note(&mut report);
+    }
+    if args.sub_transport == SubTransport::Sse {
+        sse.note(&mut report);
+    }
     if let Some(l) = shared.latencies.summary() {
         report.latency.insert("delivery".into(), l);
     }
@@ -406,13 +605,15 @@ pub struct SubscriberOut {
     /// Per publisher (global index): the measured sequence numbers.
     trackers: Vec<(usize, SeqTracker)>,
     wire: WireStats,
+    /// SSE subscribers: what the stream carried besides messages.
+    sse: Option<crate::sse::SseStats>,
     errors: Vec<String>,
 }
 
 /// Sizes of the measured messages a subscriber received (each counted
 /// once, duplicates left out).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-struct WireStats {
+pub(super) struct WireStats {
     /// Subscribers that negotiated permessage-deflate.
     deflate: u64,
     messages: u64,
@@ -425,6 +626,16 @@ struct WireStats {
 }
 
 impl WireStats {
+    /// One measured message: its payload size, its bytes on the wire
+    /// (WebSocket frames, or the SSE event's lines) and whether it came
+    /// compressed.
+    pub(super) fn record(&mut self, payload: usize, wire: usize, compressed: bool) {
+        self.messages += 1;
+        self.compressed += u64::from(compressed);
+        self.wire_bytes += wire as u64;
+        self.payload_bytes += payload as u64;
+    }
+
     fn add(&mut self, other: &WireStats) {
         self.deflate += other.deflate;
         self.messages += other.messages;
@@ -461,30 +672,130 @@ impl WireStats {
     }
 }
 
+/// What one subscriber keeps of the messages it receives, whatever
+/// carries them: the sequence numbers per publisher, the warm-up, the
+/// latencies and sizes, and the acknowledgements its publishers wait for.
+pub(super) struct Tally {
+    /// The publishers of its channel (global indices).
+    publishers: Vec<usize>,
+    /// Global publisher index -> local one (`usize::MAX`: not ours).
+    local_of: Vec<usize>,
+    trackers: Vec<SeqTracker>,
+    warmed: Vec<bool>,
+    cold: usize,
+    /// Publishers with new messages in this read batch.
+    touched: Vec<bool>,
+    /// Its slot in its channel's acknowledgements.
+    slot: usize,
+    latencies: Recorder,
+    pub(super) wire: WireStats,
+    /// New measured deliveries in this read batch.
+    new: u64,
+}
+
+impl Tally {
+    pub(super) fn new(shared: &Shared, publishers: Vec<usize>, slot: usize) -> Self {
+        let mut local_of = vec![usize::MAX; shared.publishers.len()];
+        for (local, &global) in publishers.iter().enumerate() {
+            local_of[global] = local;
+        }
+        let cold = publishers.len();
+        if cold == 0 {
+            shared.ready.fetch_add(1, Ordering::SeqCst);
+        }
+        Self {
+            local_of,
+            trackers: vec![SeqTracker::default(); publishers.len()],
+            warmed: vec![false; publishers.len()],
+            cold,
+            touched: vec![false; publishers.len()],
+            publishers,
+            slot,
+            latencies: shared.latencies.recorder(),
+            wire: WireStats::default(),
+            new: 0,
+        }
+    }
+
+    /// One message with a stamp, read at `now`. Returns whether it is a
+    /// new measured delivery (the caller then records its sizes).
+    pub(super) fn arrive(&mut self, shared: &Shared, stamp: Stamp, now: u64) -> bool {
+        let Some(&local) = self.local_of.get(stamp.source as usize) else {
+            return false;
+        };
+        if local == usize::MAX {
+            return false;
+        }
+        match stamp.kind {
+            Kind::Warmup => {
+                if !self.warmed[local] {
+                    self.warmed[local] = true;
+                    self.cold -= 1;
+                    if self.cold == 0 {
+                        shared.ready.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                false
+            }
+            Kind::Measure => {
+                if self.trackers[local].insert(stamp.seq) == Arrival::New {
+                    self.latencies.record(now.saturating_sub(stamp.sent_ns));
+                    self.touched[local] = true;
+                    self.new += 1;
+                    true
+                } else {
+                    false
+                }
+            }
+        }
+    }
+
+    /// After the messages of one read: publishes the counts and the
+    /// acknowledgements, and wakes publishers that wait for them.
+    pub(super) fn batch_done(&mut self, shared: &Shared, now: u64) {
+        self.latencies.flush();
+        let new = std::mem::take(&mut self.new);
+        if new == 0 {
+            return;
+        }
+        shared.delivered.fetch_add(new, Ordering::SeqCst);
+        shared.last_delivery_ns.fetch_max(now, Ordering::SeqCst);
+        for (local, &global) in self.publishers.iter().enumerate() {
+            if std::mem::take(&mut self.touched[local]) {
+                let publisher = &shared.publishers[global];
+                publisher.acked[self.slot].store(self.trackers[local].next(), Ordering::SeqCst);
+                if publisher.waiting.load(Ordering::SeqCst)
+                    && publisher.waiting.swap(false, Ordering::SeqCst)
+                {
+                    publisher.wake.notify_one();
+                }
+            }
+        }
+    }
+
+    /// The subscriber's result.
+    pub(super) fn finish(
+        self,
+        sse: Option<crate::sse::SseStats>,
+        errors: Vec<String>,
+    ) -> SubscriberOut {
+        SubscriberOut {
+            trackers: self.publishers.into_iter().zip(self.trackers).collect(),
+            wire: self.wire,
+            sse,
+            errors,
+        }
+    }
+}
+
 async fn subscribe(
     mut conn: WsConn,
     shared: Arc<Shared>,
-    publishers: Vec<usize>,
-    slot: usize,
+    mut tally: Tally,
     stop: CancellationToken,
 ) -> SubscriberOut {
-    let mut local_of = vec![usize::MAX; shared.publishers.len()];
-    for (local, &global) in publishers.iter().enumerate() {
-        local_of[global] = local;
-    }
-    let mut trackers = vec![SeqTracker::default(); publishers.len()];
-    let mut warmed = vec![false; publishers.len()];
-    let mut cold = publishers.len();
-    if cold == 0 {
-        shared.ready.fetch_add(1, Ordering::SeqCst);
-    }
-    let mut latencies = shared.latencies.recorder();
+    tally.wire.deflate = u64::from(conn.deflate());
     let mut errors = Vec::new();
-    let mut touched = vec![false; publishers.len()];
-    let mut wire = WireStats {
-        deflate: u64::from(conn.deflate()),
-        ..WireStats::default()
-    };
     'read: loop {
         let read = tokio::select! {
             biased;
@@ -503,7 +814,6 @@ async fn subscribe(
             Ok(_) => {}
         }
         let now = now_ns();
-        let mut new = 0;
         loop {
             let (stamp, size) = match conn.rx.next_frame(&mut conn.tx) {
                 Ok(Some(Frame::Text(p) | Frame::Binary(p))) => (Stamp::find(p), p.len()),
@@ -520,51 +830,13 @@ async fn subscribe(
             let Some(stamp) = stamp else {
                 continue;
             };
-            let Some(&local) = local_of.get(stamp.source as usize) else {
-                continue;
-            };
-            if local == usize::MAX {
-                continue;
-            }
-            match stamp.kind {
-                Kind::Warmup => {
-                    if !warmed[local] {
-                        warmed[local] = true;
-                        cold -= 1;
-                        if cold == 0 {
-                            shared.ready.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
-                }
-                Kind::Measure => {
-                    if trackers[local].insert(stamp.seq) == Arrival::New {
-                        latencies.record(now.saturating_sub(stamp.sent_ns));
-                        wire.messages += 1;
-                        wire.compressed += u64::from(conn.rx.last_compressed());
-                        wire.wire_bytes += conn.rx.last_wire_bytes() as u64;
-                        wire.payload_bytes += size as u64;
-                        touched[local] = true;
-                        new += 1;
-                    }
-                }
+            if tally.arrive(&shared, stamp, now) {
+                tally
+                    .wire
+                    .record(size, conn.rx.last_wire_bytes(), conn.rx.last_compressed());
             }
         }
-        latencies.flush();
-        if new > 0 {
-            shared.delivered.fetch_add(new, Ordering::SeqCst);
-            shared.last_delivery_ns.fetch_max(now, Ordering::SeqCst);
-            for (local, &global) in publishers.iter().enumerate() {
-                if std::mem::take(&mut touched[local]) {
-                    let publisher = &shared.publishers[global];
-                    publisher.acked[slot].store(trackers[local].next(), Ordering::SeqCst);
-                    if publisher.waiting.load(Ordering::SeqCst)
-                        && publisher.waiting.swap(false, Ordering::SeqCst)
-                    {
-                        publisher.wake.notify_one();
-                    }
-                }
-            }
-        }
+        tally.batch_done(&shared, now);
         if !conn.tx.is_empty()
             && let Err(e) = conn.flush().await
         {
@@ -572,11 +844,7 @@ async fn subscribe(
             break;
         }
     }
-    SubscriberOut {
-        trackers: publishers.into_iter().zip(trackers).collect(),
-        wire,
-        errors,
-    }
+    tally.finish(None, errors)
 }
 
 /// Reads and discards what a publisher receives (a relay that echoes to
@@ -634,10 +902,7 @@ async fn publish(
         warm_seq += 1;
         tx.text(composer.compose(&stamp));
         if let Err(e) = flush(&mut tx, &mut write).await {
-            return Sent {
-                errors: vec![e],
-                write,
-            };
+            return Sent::ws(vec![e], write);
         }
         tokio::select! {
             () = go.cancelled() => {}
@@ -690,25 +955,43 @@ async fn publish(
             tx.text(composer.compose(&stamp));
         }
         if let Err(e) = flush(&mut tx, &mut write).await {
-            return Sent {
-                errors: vec![e],
-                write,
-            };
+            return Sent::ws(vec![e], write);
         }
         seq += batch;
         publisher.sent.store(seq, Ordering::SeqCst);
     }
-    Sent {
-        errors: Vec::new(),
-        write,
-    }
+    Sent::ws(Vec::new(), write)
 }
 
-/// A sender's errors, and its write half: dropping it would send FIN and
-/// make the relay close the connection before the measurement ends.
-struct Sent {
-    errors: Vec<String>,
-    write: WriteHalf,
+/// A sender's errors, and a WebSocket publisher's write half: dropping it
+/// would send FIN and make the relay close the connection before the
+/// measurement ends. HTTP publishers add their counts.
+pub(super) struct Sent {
+    pub(super) errors: Vec<String>,
+    write: Option<WriteHalf>,
+    pub(super) http: Option<fanout_http::HttpStats>,
+    /// Descriptions of refused requests (counted in `http`).
+    pub(super) samples: Vec<String>,
+}
+
+impl Sent {
+    fn ws(errors: Vec<String>, write: WriteHalf) -> Self {
+        Self {
+            errors,
+            write: Some(write),
+            http: None,
+            samples: Vec::new(),
+        }
+    }
+
+    pub(super) fn http(errors: Vec<String>, stats: fanout_http::HttpStats) -> Self {
+        Self {
+            errors,
+            write: None,
+            http: Some(stats),
+            samples: Vec::new(),
+        }
+    }
 }
 
 async fn flush(tx: &mut TxBuf, write: &mut WriteHalf) -> Result<(), String> {

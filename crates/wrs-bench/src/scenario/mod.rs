@@ -3,6 +3,7 @@
 pub mod churn;
 pub mod echo;
 pub mod fanout;
+pub mod fanout_http;
 pub mod idle;
 pub mod pushpull;
 pub mod storm;
