@@ -350,3 +350,29 @@ async fn an_sse_client_of_a_drained_node_resumes_on_another_with_exactly_the_seq
     let _publisher = publishing.await.unwrap();
     assert_eq!(received, (0..TOTAL).collect::<Vec<_>>());
 }
+
+#[tokio::test]
+async fn the_epoch_changes_when_nats_loses_the_history() {
+    let nats = NatsServer::start().await;
+    let options = NodeOptions::new(nats.url());
+    let a = node(&options, "node-a").await;
+    let channel = a
+        .create(json!({"pattern": "pub-sub", "history": {"size": 10}}))
+        .await;
+    let (status, _) = post(&a, &channel, "kept", "").await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let path = format!("/channels/{}/messages?token={}", channel.id, channel.token);
+    let (_, before) = a.get(&path).await;
+    assert_eq!(before["data"]["messages"].as_array().unwrap().len(), 1);
+    // NATS loses the stream; a node that starts creates it again.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    async_nats::jetstream::new(client)
+        .delete_stream(format!("{}-history", options.prefix))
+        .await
+        .unwrap();
+    let _b = node(&options, "node-b").await;
+    let (status, after) = a.get(&path).await;
+    assert_eq!(status, StatusCode::OK, "{after}");
+    assert_eq!(after["data"]["messages"], json!([]));
+    assert_ne!(after["data"]["epoch"], before["data"]["epoch"]);
+}

@@ -34,14 +34,22 @@ use crate::relay::history::{self, Entry, SharedHistory, Slice};
 use crate::relay::ids::ChannelId;
 use crate::relay::pattern::Roster;
 
-/// The stream and what names it.
+/// The stream, and the JetStream context to publish into it.
 #[derive(Debug)]
 pub struct HistoryStream {
     pub context: async_nats::jetstream::Context,
     pub stream: Stream,
-    /// The stream's creation time: a new stream (the old one was lost)
-    /// is a new epoch for every channel.
-    pub epoch: String,
+}
+
+impl HistoryStream {
+    /// The epoch of every channel's history: the stream's creation time,
+    /// read from the stream itself, so a stream that NATS lost and a node
+    /// created again is a new epoch on every node.
+    async fn epoch(&self) -> Result<String, CoordinatorError> {
+        let mut stream = self.stream.clone();
+        let info = stream.info().await.map_err(unavailable)?;
+        Ok(format!("{:x}", info.created.unix_timestamp_nanos()))
+    }
 }
 
 /// Opens the history stream, creating it if needed.
@@ -54,7 +62,7 @@ pub async fn open(
     prefix: &str,
     replicas: usize,
 ) -> Result<HistoryStream, String> {
-    let mut stream = jetstream
+    let stream = jetstream
         .get_or_create_stream(stream::Config {
             name: format!("{prefix}-history"),
             description: Some(format!("WRS cluster {prefix}: channel history")),
@@ -69,11 +77,9 @@ pub async fn open(
         })
         .await
         .map_err(|e| e.to_string())?;
-    let created = stream.info().await.map_err(|e| e.to_string())?.created;
     Ok(HistoryStream {
         context: jetstream.clone(),
         stream,
-        epoch: format!("{:x}", created.unix_timestamp_nanos()),
     })
 }
 
@@ -233,8 +239,9 @@ impl SharedHistory for NatsCoordinator {
             ttl: history::MAX_TTL,
         });
         let subject = self.history_subject(channel.id());
+        let epoch = history.epoch().await?;
         let empty = |newest: u64| Slice {
-            epoch: history.epoch.clone(),
+            epoch: epoch.clone(),
             oldest: newest + 1,
             newest,
             expired: false,
@@ -297,7 +304,7 @@ impl SharedHistory for NatsCoordinator {
         let oldest = kept.first().map_or(newest + 1, |entry| entry.offset);
         kept.truncate(limit);
         Ok(Slice {
-            epoch: history.epoch.clone(),
+            epoch,
             oldest,
             newest,
             expired,
