@@ -137,12 +137,40 @@ impl<T: Serialize + DeserializeOwned> Bucket<T> {
             }
         };
         let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
-            return Ok(None);
+            // A direct get may be answered by a replica that has not yet
+            // caught up with a write another node just made (replicated
+            // buckets): a miss is asked of the stream's leader once more,
+            // so a channel created on one node is found at once on any.
+            return self.get_from_leader(key).await;
         };
         Ok(Some(Versioned {
             value: self.decode(key, entry.revision, &entry.value)?,
             revision: entry.revision,
             size: entry.value.len(),
+        }))
+    }
+
+    /// The value under `key` as the stream's leader has it.
+    async fn get_from_leader(&self, key: &str) -> Result<Option<Versioned<T>>, CoordinatorError> {
+        let subject = format!("{}{key}", self.prefix);
+        let mut retry = Retry::new();
+        let message = loop {
+            match self.store.stream.get_last_raw_message_by_subject(&subject).await {
+                Ok(message) => break message,
+                Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                    return Ok(None);
+                }
+                Err(e) => retry.wait(e).await?,
+            }
+        };
+        // Deletes and purges are markers with an operation header.
+        if message.headers.get("KV-Operation").is_some() {
+            return Ok(None);
+        }
+        Ok(Some(Versioned {
+            value: self.decode(key, message.sequence, &message.payload)?,
+            revision: message.sequence,
+            size: message.payload.len(),
         }))
     }
 
