@@ -51,9 +51,6 @@ const MODE: &str = "Wrs-Mode";
 /// it: it is not passed on again.
 const PASSED_ON: &str = "Wrs-Passed-On";
 
-/// Set on a message with an offset in its channel's history.
-const OFFSET: &str = "Wrs-Offset";
-
 /// How long a reply to a call elsewhere waits to learn whether it was
 /// taken before its sender is told it was not.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -112,9 +109,6 @@ pub(super) fn headers(channel: &ChannelId, sender: ClientId, prepared: &Prepared
             "text"
         },
     );
-    if let Some(offset) = prepared.offset {
-        headers.insert(OFFSET, offset.to_string().as_str());
-    }
     headers
 }
 
@@ -330,25 +324,28 @@ impl NatsCoordinator {
         if self.transport.interest.contains_key(channel.id()) {
             return Ok(());
         }
-        let subscriber = self.subscribe_now(self.all_subject(channel.id())).await?;
-        if let (dashmap::Entry::Vacant(slot), Some(me), Some(tasks)) = (
-            self.transport.interest.entry(channel.id().clone()),
-            self.me(),
-            self.tasks(),
-        ) {
-            let stop = tasks.stop().child_token();
-            slot.insert(stop.clone());
+        let (Some(me), Some(tasks)) = (self.me(), self.tasks()) else {
+            return Err(CoordinatorError::Unavailable("the node is stopping".to_owned()).into());
+        };
+        // In place at the server before the channel counts as subscribed
+        // here, so a client that joins after another can miss nothing.
+        let stop = tasks.stop().child_token();
+        if channel.spec().history.is_some() {
+            // A channel with history: its messages come from the stream.
+            self.consume_history(channel.id(), stop.clone()).await?;
+        } else {
+            let subscriber = self.subscribe_now(self.all_subject(channel.id())).await?;
             let receiving = stop.clone();
             self.spawn(async move {
                 receiving.run_until_cancelled(me.receive(subscriber)).await;
             });
-            // A channel with history: its messages come from the stream.
-            if channel.spec().history.is_some()
-                && let Err(error) = self.consume_history(channel.id(), stop).await
-            {
-                self.drop_interest(channel.id());
-                return Err(JoinRefusal::Unavailable(error));
+        }
+        match self.transport.interest.entry(channel.id().clone()) {
+            dashmap::Entry::Vacant(slot) => {
+                slot.insert(stop);
             }
+            // Another connect subscribed meanwhile: one is enough.
+            dashmap::Entry::Occupied(_) => stop.cancel(),
         }
         Ok(())
     }
@@ -405,7 +402,7 @@ impl NatsCoordinator {
             )
             .map_err(unknown_origin)?;
             match receivers {
-                Receivers::Nobody => return Ok(Delivered::default()),
+                Receivers::Nobody => return Ok(prepared.delivered(0, 0)),
                 Receivers::Sender => {
                     let delivered = outlet.offer_to(channel, sender, &frame);
                     return Ok(prepared.delivered_to(sender, delivered));
@@ -425,7 +422,7 @@ impl NatsCoordinator {
                 }
                 Receivers::One(position) => {
                     let Some((target, node)) = roster.entry(position) else {
-                        return Ok(Delivered::default());
+                        return Ok(prepared.delivered(0, 0));
                     };
                     let exact = matches!(prepared.intent, Intent::Reply { .. });
                     if node != &*self.node {
@@ -444,7 +441,7 @@ impl NatsCoordinator {
                     }
                     attempts -= 1;
                     if attempts == 0 || exact {
-                        return Ok(Delivered::default());
+                        return Ok(prepared.delivered(0, 0));
                     }
                 }
             }
@@ -477,7 +474,8 @@ pub(super) fn inbound(message: &async_nats::Message) -> Option<(ChannelId, Inbou
             payload: message.payload.clone(),
             sender: header(SENDER).and_then(ClientId::parse),
             target,
-            offset: header(OFFSET).and_then(|offset| offset.parse().ok()),
+            // Set by the stream's consumer for channels with history.
+            offset: None,
         },
     ))
 }
