@@ -58,7 +58,7 @@ impl Prepared {
             bytes: frames * self.payload.len() as u64,
             addressed,
             to: None,
-            offset: None,
+            offset: self.offset,
         }
     }
 
@@ -306,7 +306,7 @@ impl Outlet<'_> {
             Source::Client(id) => match members.position(id) {
                 Some(at) => Some(at),
                 // The sender is closing and already left the roster.
-                None => return Ok(Delivered::default()),
+                None => return Ok(prepared.delivered(0, 0)),
             },
             Source::Outside(_) => None,
         };
@@ -328,7 +328,7 @@ impl Outlet<'_> {
             )
             .map_err(unknown_origin)?;
             match receivers {
-                Receivers::Nobody => return Ok(Delivered::default()),
+                Receivers::Nobody => return Ok(prepared.delivered(0, 0)),
                 Receivers::Sender => {
                     let here = sender_at.is_some_and(deliver);
                     return Ok(prepared.delivered_to(sender, here));
@@ -351,7 +351,7 @@ impl Outlet<'_> {
                     }
                     attempts -= 1;
                     if attempts == 0 || matches!(prepared.intent, Intent::Reply { .. }) {
-                        return Ok(Delivered::default());
+                        return Ok(prepared.delivered(0, 0));
                     }
                 }
             }

@@ -46,7 +46,7 @@ use coordinator::{
     Listed, NodeCommand, NodeStatus, SharedChannel, Standalone, Tasks,
 };
 use dashmap::DashMap;
-use deliver::{Inbound, Outlet, Source, prepare};
+use deliver::{Inbound, Outlet, Prepared, Source, prepare};
 use evacuate::Evacuation;
 pub use evacuate::{DrainKind, DrainSettings, RebalanceSettings};
 use ids::{ChannelId, ClientId, Token};
@@ -769,16 +769,36 @@ impl Relay {
         source: Source,
         message: &Message,
     ) -> Result<Delivered, FrameError> {
+        let prepared = self.take_in(channel, source, message)?;
+        self.relay_prepared(channel, source, prepared)
+    }
+
+    /// Counts a message in and classifies it for routing.
+    fn take_in(
+        &self,
+        channel: &Channel,
+        source: Source,
+        message: &Message,
+    ) -> Result<Prepared, FrameError> {
         let pattern = channel.pattern();
         self.metrics
             .message_in(pattern, message.payload().len() as u64);
-        let relayed = prepare(pattern, source.id(), message).and_then(|mut prepared| {
-            if let Intent::Reply { origin } = prepared.intent
-                && origin.is_call()
-            {
-                return self.answer(channel, source.id(), origin, &prepared);
-            }
-            let outlet = self.outlet();
+        prepare(pattern, source.id(), message).inspect_err(|_| self.metrics.frame_error(pattern))
+    }
+
+    fn relay_prepared(
+        &self,
+        channel: &Arc<Channel>,
+        source: Source,
+        mut prepared: Prepared,
+    ) -> Result<Delivered, FrameError> {
+        let pattern = channel.pattern();
+        let outlet = self.outlet();
+        let relayed = if let Intent::Reply { origin } = prepared.intent
+            && origin.is_call()
+        {
+            self.answer(channel, source.id(), origin, &prepared)
+        } else {
             match (channel.history(), self.coordinator.shared_history()) {
                 (Some(_), Some(shared)) => Ok(shared.relay(channel, source, &prepared)),
                 // Numbered and delivered under the history's lock: every
@@ -795,11 +815,7 @@ impl Relay {
                 }
                 (None, _) => self.coordinator.relay(&outlet, channel, source, &prepared),
             }
-            .map(|delivered| Delivered {
-                offset: prepared.offset,
-                ..delivered
-            })
-        });
+        };
         match relayed {
             Ok(delivered) => {
                 // An HTTP publish that nobody could take (409 no_receiver)

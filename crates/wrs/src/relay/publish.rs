@@ -10,10 +10,11 @@ use bytes::Bytes;
 
 use super::channel::Channel;
 use super::coordinator::CoordinatorError;
-use super::deliver::{Prepared, Source, prepare};
+use super::deliver::{Prepared, Source};
 use super::history::Slice;
 use super::ids::ClientId;
-use super::subprotocol::{self, FrameError};
+use super::pattern::Intent;
+use super::subprotocol::FrameError;
 use super::{Delivered, Message, Relay};
 
 impl Relay {
@@ -37,10 +38,9 @@ impl Relay {
                 .map_err(PublishError::Invalid);
         };
         // Kept in the cluster's history first: the answer carries the offset.
-        let pattern = channel.pattern();
-        self.metrics
-            .message_in(pattern, message.payload().len() as u64);
-        let prepared = prepare(pattern, source.id(), message).map_err(PublishError::Invalid)?;
+        let prepared = self
+            .take_in(channel, source, message)
+            .map_err(PublishError::Invalid)?;
         let delivered = shared
             .publish(channel, source, &prepared)
             .await
@@ -88,13 +88,15 @@ impl Relay {
         request: Bytes,
         wait: Duration,
     ) -> Result<Bytes, CallError> {
-        let text = std::str::from_utf8(&request)
-            .map_err(|e| CallError::Invalid(FrameError::InvalidJson(e.to_string())))?;
-        match subprotocol::parse(text).map_err(CallError::Invalid)? {
-            subprotocol::Envelope::Request(_) => {}
-            subprotocol::Envelope::Reply { .. } => return Err(CallError::NotARequest),
-        }
         let origin = ClientId::call();
+        let source = Source::Outside(origin);
+        let prepared = self
+            .take_in(channel, source, &Message::Text(request))
+            .map_err(CallError::Invalid)?;
+        if prepared.intent != Intent::Request {
+            self.metrics.frame_error(channel.pattern());
+            return Err(CallError::NotARequest);
+        }
         let (answer, reply) = tokio::sync::oneshot::channel();
         self.calls.insert(origin, answer);
         // Whatever ends the call (reply, timeout, the caller going away)
@@ -108,7 +110,7 @@ impl Relay {
             .await
             .map_err(CallError::Unavailable)?;
         let delivered = self
-            .relay(channel, Source::Outside(origin), &Message::Text(request))
+            .relay_prepared(channel, source, prepared)
             .map_err(CallError::Invalid)?;
         if delivered.addressed == 0 {
             return Err(CallError::NoReceiver);
