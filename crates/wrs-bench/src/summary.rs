@@ -63,6 +63,15 @@ pub fn summarize_admission(dir: &Path) -> anyhow::Result<String> {
     Ok(render_admission(&read_reports(dir)?))
 }
 
+/// The reports in `dir`; none if it does not exist (a part not run).
+fn read_reports_if_any(dir: &Path) -> anyhow::Result<Vec<Report>> {
+    if dir.is_dir() {
+        read_reports(dir)
+    } else {
+        Ok(Vec::new())
+    }
+}
+
 fn read_reports(dir: &Path) -> anyhow::Result<Vec<Report>> {
     let mut paths: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?

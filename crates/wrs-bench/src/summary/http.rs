@@ -12,7 +12,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use super::{Group, grouped, read_reports};
+use super::{Group, grouped, read_reports_if_any};
 use crate::report::{Report, micros, si};
 
 /// One of the tables of `bench/http.sh`.
@@ -40,12 +40,7 @@ const CPU_MAX: f64 = 0.5;
 ///
 /// The directory or a report cannot be read or parsed.
 pub fn summarize_http(dir: &Path, table: HttpTable) -> anyhow::Result<String> {
-    let reports = if dir.is_dir() {
-        read_reports(dir)?
-    } else {
-        Vec::new()
-    };
-    Ok(render(&reports, table))
+    Ok(render(&read_reports_if_any(dir)?, table))
 }
 
 fn render(reports: &[Report], table: HttpTable) -> String {
